@@ -1,0 +1,202 @@
+"""Typed configuration: frozen dataclasses built from YAML dicts.
+
+`build(cls, data)` turns a plain mapping (from YAML) into the dataclass `cls`,
+checking every key against the dataclass fields and every value against the
+field's type. All problems are collected and raised at once as a
+:class:`ConfigError` whose lines name the key's path (``stages.global.lr``),
+so a pipeline file is rejected before any training starts.
+
+Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Path``,
+``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``list[X]``,
+``dict[str, X]`` and nested dataclasses.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = ["ConfigError", "build", "to_dict", "apply_overrides", "load_yaml"]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, one per line, each naming its key path."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        self.source = source
+        head = f"invalid configuration{f' in {source}' if source else ''}"
+        super().__init__(head + ":\n  " + "\n  ".join(self.problems))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"file not found: {path}"], source=str(path))
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], source=str(path))
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict copy."""
+    import copy
+
+    out = copy.deepcopy(data)
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override {item!r} must look like key.path=value")
+            continue
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            problems.append(f"override {item!r} has an empty key")
+            continue
+        node = out
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                problems.append(f"override {item!r}: {part} is not a mapping")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = yaml.safe_load(raw)
+    if problems:
+        raise ConfigError(problems, source="command-line overrides")
+    return out
+
+
+def build(cls: type[T], data: Mapping[str, Any] | None, *, path: str = "", source: str | None = None) -> T:
+    """Build dataclass ``cls`` from ``data``; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    obj = _build_dataclass(cls, data if data is not None else {}, path, problems)
+    if problems:
+        raise ConfigError(problems, source=source)
+    return obj  # type: ignore[return-value]
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, YAML/JSON-friendly form of a config dataclass (paths as strings, tuples as lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> Any:
+    where = path or "<top level>"
+    if not isinstance(data, Mapping):
+        problems.append(f"{where}: expected a mapping, got {type(data).__name__} {data!r}")
+        return None
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    for key in unknown:
+        close = [name for name in fields if name.replace("_", "") == key.replace("_", "").replace("-", "")]
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(fields))}"
+        problems.append(f"{_join(path, key)}: unknown key{hint}")
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], _join(path, name), problems)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            problems.append(f"{_join(path, name)}: required key is missing")
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{where}: {exc}")
+        return None
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _coerce(non_none[0], value, path, problems)
+        for alt in non_none:
+            trial: list[str] = []
+            out = _coerce(alt, value, path, trial)
+            if not trial:
+                return out
+        problems.append(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        return None
+    if origin is Literal:
+        if value not in args:
+            problems.append(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, path, problems)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{path}: expected a list, got {type(value).__name__} {value!r}")
+            return None
+        item_tp = args[0] if args else Any
+        items = [_coerce(item_tp, v, _join(path, i), problems) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            problems.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
+            return None
+        val_tp = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(val_tp, v, _join(path, str(k)), problems) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.append(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            problems.append(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{path}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            problems.append(f"{path}: expected a string, got {value!r}")
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)):
+            problems.append(f"{path}: expected a path, got {value!r}")
+            return value
+        return Path(value)
+    raise TypeError(f"config_loader cannot handle field type {tp!r} at {path}")
