@@ -199,6 +199,7 @@ def copy_matching_weights(
     scope: Iterable[str] | None = None,
     *,
     strict: bool = True,
+    ignore_unexpected: bool = False,
     ignore: Iterable[str] = (),
     adapt: Mapping[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
 ) -> LoadReport:
@@ -209,8 +210,9 @@ def copy_matching_weights(
         state_dict: source key -> tensor, keys already in the target's naming.
         scope: key prefixes (without the trailing dot) to load, e.g. ``("encoder",)``;
             keys outside it are skipped on both sides. ``None`` means every key.
-        strict: raise if a target key in scope is missing from the source or a
-            source key in scope is unknown to the target.
+        strict: raise if a target key in scope is missing from the source or (unless
+            ``ignore_unexpected``) a source key in scope is unknown to the target.
+        ignore_unexpected: with ``strict``, tolerate (but report) unknown source keys.
         ignore: source key prefixes that are always skipped (e.g. ``"fc."``).
         adapt: target key -> function ``(source_tensor, target_tensor) -> tensor``
             applied before the shape check (e.g. channel summing for ``conv1.weight``).
@@ -220,7 +222,8 @@ def copy_matching_weights(
 
     Raises:
         ValueError: a shape mismatch (naming the key and both shapes), nothing in
-            scope matched, or ``strict`` and some keys were missing/unexpected.
+            scope matched, or ``strict`` and some keys were missing/unexpected. The
+            module is left unchanged when it raises.
     """
     scope_t = None if scope is None else tuple(scope)
     ignore_t = tuple(ignore)
@@ -262,7 +265,7 @@ def copy_matching_weights(
             f"no source weights matched the model in scope {scope_desc}; "
             f"source has {len(state_dict)} keys, e.g. {sample}"
         )
-    if strict and (missing or unexpected):
+    if strict and (missing or (unexpected and not ignore_unexpected)):
         raise ValueError(
             f"strict load in scope {scope_desc}: {len(missing)} missing keys {missing[:5]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:5]}; pass strict=False to load the rest"
