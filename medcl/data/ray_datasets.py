@@ -1,0 +1,476 @@
+"""Ray Data streams over a medcl dataset directory (shards + bags), decoded to the batch contract.
+
+Every stream is ``ray.data.read_parquet`` of the directory's ``shard-*.parquet`` (or
+``bags.parquet``) with the split/patient/site filters and the column selection pushed into the
+Parquet read, then one vectorised decode (``map_batches(batch_format="pyarrow")``) to:
+
+    image float32 (B, C, H, W); mask int64 (B, H, W), -1 = ignore (masked streams only);
+    class_label int64 (B,), -1 = none; class_labels float32 (B, K) (multi-label datasets only);
+    slice_position float32 (B,); slice_index int64 (B,); patient_id, volume_id, site: str.
+
+Small datasets are ``materialize()``-d once after decoding (Ray Data costs ~2.5 s per execution;
+later epochs then only replay blocks from the object store). An optional ``augment`` runs *after*
+that point in ``map_batches`` on CPU tasks, so every epoch sees fresh random views (seeded from
+OS entropy per batch: Ray Data augmentation is not reproducible; augment on the worker with a
+``torch.Generator`` when it must be; on a 2-core machine it was also faster, see
+``benchmarks/data_stream.py``). Bags are streamed as rows; MICLe/partition sampling runs
+in the worker's ``collate_fn`` (``MiclePairCollate``, ``PartitionCollate``).
+
+Ray's default ``iter_torch_batches()`` (no ``collate_fn``) raises ``TypeError`` on the str
+columns: iterate with ``torch_batches`` (``TensorCollate``: numeric columns become tensors on the
+device, ids stay numpy str arrays). In a Ray Train worker::
+
+    shard = ray.train.get_dataset_shard("train")
+    for batch in torch_batches(shard, batch_size=32):          # dict of tensors (+ str arrays)
+        ...
+    for batch in torch_batches(bags_shard, 16, collate_fn=MiclePairCollate(seed=0)):
+        z_a, z_b = model(view(batch["image_a"])), model(view(batch["image_b"]))
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import threading
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import ray
+from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.expressions import col
+
+from medcl.data.decode import decode_images, decode_masks
+from medcl.data.manifest import read_manifest
+from medcl.data.schema import BAGS_NAME, MANIFEST_NAME, SHARD_GLOB, SPLITS
+
+if TYPE_CHECKING:
+    import torch
+
+# torch (and the torch-based augment/bags modules) are imported inside the functions that need
+# them: Ray Data ships ``decode_shard_batch`` to fresh worker processes, and importing torch
+# there costs seconds per worker for a function that only needs numpy and pyarrow.
+
+__all__ = [
+    "shard_paths",
+    "decode_shard_batch",
+    "train_images",
+    "labelled_slices",
+    "labelled_images",
+    "has_shifted_site",
+    "patient_bags",
+    "eval_slices",
+    "TensorCollate",
+    "MiclePairCollate",
+    "PartitionCollate",
+    "torch_batches",
+]
+
+logger = logging.getLogger(__name__)
+
+_BASE_COLUMNS = ["patient_id", "volume_id", "slice_index", "slice_position", "site", "image", "image_shape",
+                 "class_label"]
+_STRING_KEYS = ("patient_id", "volume_id", "site")
+
+
+# --------------------------------------------------------------------------- files
+def shard_paths(dataset_dir: str | os.PathLike) -> list[str]:
+    """The shard paths of a dataset directory (the manifest's list, else sorted ``shard-*.parquet``).
+
+    Raises:
+        ValueError: the directory does not exist or holds no shard.
+    """
+    root = os.fspath(dataset_dir)
+    if not os.path.isdir(root):
+        raise ValueError(f"dataset_dir {root!r} is not a directory")
+    if os.path.isfile(os.path.join(root, MANIFEST_NAME)):  # only the shards the manifest lists
+        paths = [str(p) for p in read_manifest(root).shard_paths]
+    else:
+        paths = sorted(glob.glob(os.path.join(root, SHARD_GLOB)))
+    if not paths:
+        raise ValueError(f"dataset_dir {root!r} holds no {SHARD_GLOB} files; run an ingest first")
+    return paths
+
+
+def _bags_path(dataset_dir: str | os.PathLike) -> str:
+    path = os.path.join(os.fspath(dataset_dir), BAGS_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"dataset_dir {os.fspath(dataset_dir)!r} has no {BAGS_NAME}; run an ingest first")
+    return path
+
+
+def _has_values(paths: list[str], column: str) -> bool:
+    """Whether any row has a non-null list in ``column`` (from Parquet statistics when written)."""
+    for path in paths:
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                chunk = group.column(c)
+                if chunk.path_in_schema.split(".")[0] != column:
+                    continue
+                if chunk.statistics is None:  # no statistics: read the column of this file
+                    if pq.read_table(path, columns=[column]).column(column).null_count < meta.num_rows:
+                        return True
+                    break
+                if chunk.statistics.num_values > 0:
+                    return True
+    return False
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def _split_patients(paths: list[str], split: str) -> list[str]:
+    table = pads.dataset(paths, format="parquet").to_table(columns=["patient_id"], filter=pc.field("split") == split)
+    return sorted(set(table.column("patient_id").to_pylist()))
+
+
+# --------------------------------------------------------------------------- decode
+def decode_shard_batch(table: pa.Table, *, with_mask: bool = False,
+                       with_class_labels: bool = False) -> dict[str, np.ndarray]:
+    """Decode a batch of shard rows (a ``pa.Table`` in ``SHARD_SCHEMA``) to the batch contract.
+
+    All rows of a batch must share one ``image_shape`` (``shards.decode_images``). Rows without a
+    mask get an all ``IGNORE_INDEX`` mask; rows without ``class_label`` get -1; rows without
+    ``class_labels`` get zeros.
+
+    Args:
+        table: n shard rows (at least ``image``, ``image_shape``, ``patient_id``, ``volume_id``,
+            ``slice_index``, ``slice_position``, ``site``, ``class_label``; ``mask`` /
+            ``class_labels`` when requested).
+        with_mask: also decode ``mask`` -> int64 ``(n, H, W)``.
+        with_class_labels: also decode ``class_labels`` -> float32 ``(n, K)``.
+
+    Returns:
+        Dict of numpy arrays as in the module docstring.
+
+    Raises:
+        ValueError: mixed image shapes, or flattened sizes that do not match ``image_shape``.
+    """
+    out: dict[str, np.ndarray] = {
+        "image": decode_images(table),
+        "slice_position": table.column("slice_position").to_numpy().astype(np.float32),
+        "slice_index": table.column("slice_index").to_numpy().astype(np.int64),
+        "class_label": table.column("class_label").fill_null(-1).to_numpy().astype(np.int64),
+    }
+    for key in _STRING_KEYS:
+        out[key] = np.asarray(table.column(key).to_pylist(), dtype=object)
+    if with_mask:
+        out["mask"] = decode_masks(table)
+    if with_class_labels:
+        column = table.column("class_labels").combine_chunks()
+        valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        k = values.size // max(int(valid.sum()), 1)
+        if values.size != int(valid.sum()) * k:
+            raise ValueError(f"class_labels rows differ in length ({values.size} values, {int(valid.sum())} rows)")
+        labels = np.zeros((table.num_rows, k), dtype=np.float32)
+        labels[valid] = values.reshape(-1, k)
+        out["class_labels"] = labels
+    return out
+
+
+# --------------------------------------------------------------------------- augmentation in Ray Data
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """Tensor sharing memory with ``array`` when it is writable and contiguous (else from a copy)."""
+    import torch
+
+    return torch.from_numpy(np.require(array, requirements=["C", "W"]))
+
+
+class _AugmentBatch:
+    """``map_batches`` function applying a view, ``ViewPair`` or ``JointTransform`` to numpy batches.
+
+    ``ViewPair`` replaces ``image`` by ``image_a``/``image_b``; ``JointTransform`` replaces
+    ``image`` and ``mask``; any other view replaces ``image``.
+    """
+
+    def __init__(self, transform: Callable[..., Any]) -> None:
+        if not callable(transform):
+            raise TypeError(f"augment must be a view, ViewPair or JointTransform, got {type(transform).__name__}")
+        self.transform = transform
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from medcl.data.augment import JointTransform, ViewPair
+
+        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        image = _tensor(batch["image"])
+        out = dict(batch)
+        with torch.no_grad():
+            if isinstance(self.transform, JointTransform):
+                if "mask" not in batch:
+                    raise ValueError("augment=JointTransform needs a masked stream (batch has no 'mask')")
+                img, mask = self.transform(image, _tensor(batch["mask"]), gen)
+                out["image"], out["mask"] = img.numpy(), mask.numpy()
+            elif isinstance(self.transform, ViewPair):
+                a, b = self.transform(image, gen)
+                del out["image"]
+                out["image_a"], out["image_b"] = a.numpy(), b.numpy()
+            else:
+                out["image"] = self.transform(image, gen).numpy()
+        return out
+
+
+def _finish(ds: ray.data.Dataset, what: str, *, materialize: bool, augment: Callable[..., Any] | None,
+            augment_batch_size: int) -> ray.data.Dataset:
+    if materialize:
+        ds = ds.materialize()
+        if ds.count() == 0:  # free once materialised
+            raise ValueError(f"{what} selects no rows; check split/site/fraction against the manifest")
+    if augment is not None:
+        ds = ds.map_batches(_AugmentBatch(augment), batch_format="numpy", batch_size=augment_batch_size,
+                            zero_copy_batch=True)
+    return ds
+
+
+def _shard_stream(paths: list[str], predicate, *, with_mask: bool, with_class_labels: bool) -> ray.data.Dataset:
+    columns = list(_BASE_COLUMNS) + (["mask"] if with_mask else []) + (["class_labels"] if with_class_labels else [])
+    ds = ray.data.read_parquet(paths).filter(expr=predicate).select_columns(columns)
+    return ds.map_batches(decode_shard_batch, batch_format="pyarrow", batch_size=None,
+                          fn_kwargs={"with_mask": with_mask, "with_class_labels": with_class_labels})
+
+
+# --------------------------------------------------------------------------- streams
+def train_images(dataset_dir: str | os.PathLike, *, split: str = "train", augment: Callable[..., Any] | None = None,
+                 materialize: bool = True, augment_batch_size: int = 64) -> ray.data.Dataset:
+    """All images of a split (global pretraining; labels optional), no masks.
+
+    Args:
+        dataset_dir: directory with ``shard-*.parquet``.
+        split: one of ``SPLITS``.
+        augment: optional view (replaces ``image``) or ``ViewPair`` (replaces ``image`` by
+            ``image_a``, ``image_b``), applied in Ray Data after materialisation.
+        materialize: materialise the decoded rows once (recommended for datasets that fit
+            the object store).
+        augment_batch_size: rows per augmentation task batch.
+    """
+    _check_split(split)
+    paths = shard_paths(dataset_dir)
+    ds = _shard_stream(paths, col("split") == split, with_mask=False,
+                       with_class_labels=_has_values(paths, "class_labels"))
+    what = f"train_images({os.fspath(dataset_dir)!r}, split={split!r})"
+    return _finish(ds, what, materialize=materialize, augment=augment, augment_batch_size=augment_batch_size)
+
+
+_TARGETS = ("mask", "class_label", "class_labels")
+
+
+def labelled_slices(dataset_dir: str | os.PathLike, fraction: float, seed: int, split: str = "train", *,
+                    target: str = "mask", augment: Callable[..., Any] | None = None, materialize: bool = True,
+                    augment_batch_size: int = 64) -> ray.data.Dataset:
+    """Slices of the labelled patients of a split (fine-tuning, supervised local pretraining).
+
+    The labelled patients are ``splits.labelled_patients`` of the split's patients (nested across
+    fractions, deterministic in ``seed``); only their rows that carry ``target`` are kept, and only
+    rows of ``split`` (so test patients never enter a training stream).
+
+    Args:
+        dataset_dir: directory with ``shard-*.parquet``.
+        fraction: labelled fraction of the split's patients, in (0, 1].
+        seed: seed of the labelled subset.
+        split: one of ``SPLITS``.
+        target: which label a row must have: ``"mask"`` (segmentation; decoded), ``"class_label"``
+            or ``"class_labels"``.
+        augment: optional ``JointTransform`` (new ``image`` and ``mask``; masked streams only),
+            view or ``ViewPair``, applied in Ray Data after materialisation.
+        materialize: materialise the decoded rows once.
+        augment_batch_size: rows per augmentation task batch.
+    """
+    from medcl.data.splits import labelled_patients
+
+    _check_split(split)
+    if target not in _TARGETS:
+        raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
+    paths = shard_paths(dataset_dir)
+    patients = sorted(labelled_patients(_split_patients(paths, split), fraction, seed))
+    if not patients:
+        raise ValueError(f"no labelled patients for split={split!r}, fraction={fraction!r} "
+                         f"in {os.fspath(dataset_dir)!r}")
+    predicate = (col("split") == split) & col("patient_id").is_in(patients) & col(target).is_not_null()
+    ds = _shard_stream(paths, predicate, with_mask=target == "mask", with_class_labels=target == "class_labels")
+    what = f"labelled_slices({os.fspath(dataset_dir)!r}, fraction={fraction!r}, split={split!r}, target={target!r})"
+    return _finish(ds, what, materialize=materialize, augment=augment, augment_batch_size=augment_batch_size)
+
+
+def labelled_images(dataset_dir: str | os.PathLike, fraction: float, seed: int, split: str = "train", *,
+                    augment: Callable[..., Any] | None = None, materialize: bool = True,
+                    augment_batch_size: int = 64) -> ray.data.Dataset:
+    """Classification counterpart of ``labelled_slices``: the labelled patients' images with a class.
+
+    Rows must carry ``class_labels`` on a multi-label dataset (any row has one), else
+    ``class_label``; arguments as ``labelled_slices``.
+    """
+    target = "class_labels" if _has_values(shard_paths(dataset_dir), "class_labels") else "class_label"
+    return labelled_slices(dataset_dir, fraction, seed, split, target=target, augment=augment,
+                           materialize=materialize, augment_batch_size=augment_batch_size)
+
+
+def has_shifted_site(dataset_dir: str | os.PathLike, split: str = "test", site: str = "B") -> bool:
+    """Whether ``split`` holds images of the shifted acquisition ``site`` (reads the site column only)."""
+    _check_split(split)
+    table = pads.dataset(shard_paths(dataset_dir), format="parquet").to_table(
+        columns=["site"], filter=(pc.field("split") == split) & (pc.field("site") == str(site)))
+    return table.num_rows > 0
+
+
+def eval_slices(dataset_dir: str | os.PathLike, split: str = "test", site: str | None = None, *,
+                with_mask: bool | None = None, materialize: bool = True) -> ray.data.Dataset:
+    """Evaluation slices of a split (optionally one acquisition ``site``: the shifted test set).
+
+    Rows keep ``patient_id``, ``volume_id`` and ``slice_index`` so that slices can be stacked back
+    into volumes for 3D Dice.
+
+    Args:
+        dataset_dir: directory with ``shard-*.parquet``.
+        split: one of ``SPLITS``.
+        site: keep only this site (None: all sites).
+        with_mask: decode masks (None: when the dataset has any mask).
+        materialize: materialise the decoded rows once.
+    """
+    _check_split(split)
+    paths = shard_paths(dataset_dir)
+    predicate = col("split") == split
+    if site is not None:
+        predicate = predicate & (col("site") == str(site))
+    mask = _has_values(paths, "mask") if with_mask is None else bool(with_mask)
+    ds = _shard_stream(paths, predicate, with_mask=mask, with_class_labels=_has_values(paths, "class_labels"))
+    what = f"eval_slices({os.fspath(dataset_dir)!r}, split={split!r}, site={site!r})"
+    return _finish(ds, what, materialize=materialize, augment=None, augment_batch_size=1)
+
+
+def patient_bags(dataset_dir: str | os.PathLike, split: str = "train", *, materialize: bool = True) -> ray.data.Dataset:
+    """Bag rows (``BAG_SCHEMA``, one per patient) of a split, for MICLe and partition sampling.
+
+    Rows stay encoded; sampling and decoding happen in the worker's ``collate_fn``
+    (``MiclePairCollate`` / ``PartitionCollate``).
+    """
+    _check_split(split)
+    columns = ["patient_id", "site", "num_images", "volume_ids", "slice_positions", "images", "image_shape"]
+    ds = ray.data.read_parquet(_bags_path(dataset_dir)).filter(expr=col("split") == split).select_columns(columns)
+    return ds.materialize() if materialize else ds
+
+
+# --------------------------------------------------------------------------- worker side
+def _resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"``: the Ray Train worker's device (CPU outside a training function)."""
+    import torch
+
+    if isinstance(device, str) and device == "auto":
+        from ray.train.torch import get_device
+
+        try:
+            device = get_device()
+        except RuntimeError:  # not inside a Ray Train training function
+            return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # collate runs on Ray's fetch threads: pin the index
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+            out[key] = _tensor(value).to(device, non_blocking=True)
+        else:
+            out[key] = np.asarray(value)
+    return out
+
+
+class TensorCollate(NumpyBatchCollateFn):
+    """Numeric columns -> torch tensors on ``device``; string columns stay numpy str arrays."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = _resolve_device(device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return _to_device(batch, self.device)
+
+
+class _SamplingCollate(NumpyBatchCollateFn):
+    def __init__(self, seed: Any = None, device: str | torch.device = "cpu") -> None:
+        self.rng = np.random.default_rng(seed)
+        self.lock = threading.Lock()  # Ray calls collate_fn from several threads
+        self.device = _resolve_device(device)
+
+
+class MiclePairCollate(_SamplingCollate):
+    """``collate_fn`` for bag streams: ``sample_micle_pairs`` (two different images per bag).
+
+    Args:
+        seed: seed of the pair choice, anything ``numpy.random.default_rng`` takes (e.g.
+            ``[seed, rank]`` for one stream per worker; None: OS entropy).
+        device: where the tensors go (``"auto"``: the Ray Train device).
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from medcl.data.bags import sample_micle_pairs
+
+        with self.lock:
+            out = sample_micle_pairs(batch, self.rng)
+        return _to_device(out, self.device)
+
+
+class PartitionCollate(_SamplingCollate):
+    """``collate_fn`` for bag streams: ``sample_partitions`` (one slice per volume partition).
+
+    Args:
+        num_partitions: S partitions per volume.
+        seed: seed of the slice choice, as for ``MiclePairCollate``.
+        device: where the tensors go (``"auto"``: the Ray Train device).
+    """
+
+    def __init__(self, num_partitions: int = 4, seed: Any = None, device: str | torch.device = "cpu") -> None:
+        if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
+            raise ValueError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
+        super().__init__(seed, device)
+        self.num_partitions = num_partitions
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from medcl.data.bags import sample_partitions
+
+        with self.lock:
+            out = sample_partitions(batch, self.num_partitions, self.rng)
+        return _to_device(out, self.device)
+
+
+def torch_batches(shard: Any, batch_size: int, *, collate_fn: NumpyBatchCollateFn | None = None,
+                  device: str | torch.device = "auto", drop_last: bool = False,
+                  local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
+                  prefetch_batches: int = 1):
+    """Iterate a Ray dataset shard (``ray.train.get_dataset_shard(...)``) or Dataset as torch batches.
+
+    Args:
+        shard: a ``DataIterator`` or ``Dataset``.
+        batch_size: rows (bags for bag streams) per batch, >= 1.
+        collate_fn: a ``NumpyBatchCollateFn`` (default ``TensorCollate(device)``).
+        device: target device of the default collate (``"auto"``: the Ray Train device, else CPU).
+        drop_last: drop a last incomplete batch (keep workers in step under DDP).
+        local_shuffle_buffer_size: rows of the local shuffle buffer (None: no shuffle).
+        local_shuffle_seed: seed of the local shuffle.
+        prefetch_batches: batches fetched ahead.
+
+    Returns:
+        An iterable of dicts: tensors for numeric columns, numpy str arrays for id columns.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if collate_fn is None:
+        collate_fn = TensorCollate(device)
+    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate_fn, drop_last=drop_last,
+                                    local_shuffle_buffer_size=local_shuffle_buffer_size,
+                                    local_shuffle_seed=local_shuffle_seed, prefetch_batches=prefetch_batches)
