@@ -123,11 +123,14 @@ def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> An
         hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(fields))}"
         problems.append(f"{_join(path, key)}: unknown key{hint}")
     kwargs = {}
+    before = len(problems)
     for name, field in fields.items():
         if name in data:
             kwargs[name] = _coerce(hints[name], data[name], _join(path, name), problems)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             problems.append(f"{_join(path, name)}: required key is missing")
+    if len(problems) > before:
+        return None
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -46,7 +46,7 @@ from ray.data.expressions import col
 
 from medcl.data.decode import decode_images, decode_masks
 from medcl.data.manifest import read_manifest
-from medcl.data.schema import BAGS_NAME, MANIFEST_NAME, SHARD_GLOB, SPLITS
+from medcl.data.schema import BAGS_NAME, IGNORE_INDEX, MANIFEST_NAME, SHARD_GLOB, SPLITS
 
 if TYPE_CHECKING:
     import torch
@@ -312,6 +312,39 @@ def labelled_images(dataset_dir: str | os.PathLike, fraction: float, seed: int, 
     target = "class_labels" if _has_values(shard_paths(dataset_dir), "class_labels") else "class_label"
     return labelled_slices(dataset_dir, fraction, seed, split, target=target, augment=augment,
                            materialize=materialize, augment_batch_size=augment_batch_size)
+
+
+class _HideMasks:
+    """Sets every mask pixel of the rows of patients outside ``keep`` to ``IGNORE_INDEX``."""
+
+    def __init__(self, keep: list[str]) -> None:
+        self.keep = np.asarray(sorted(keep))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        hidden = ~np.isin(batch["patient_id"], self.keep)
+        if hidden.any():
+            batch["mask"] = np.array(batch["mask"], copy=True)
+            batch["mask"][hidden] = IGNORE_INDEX
+        return batch
+
+
+def partially_labelled_slices(dataset_dir: str | os.PathLike, fraction: float, seed: int, split: str = "train", *,
+                              materialize: bool = True) -> ray.data.Dataset:
+    """All slices of a split with masks only for the labelled patients (the rest all ``IGNORE_INDEX``).
+
+    For local pretraining that mixes the supervised loss (labelled pixels) with
+    the self-supervised one (slices of unlabelled patients). The labelled
+    patients are the same as ``labelled_slices`` with the same fraction and seed.
+    """
+    from medcl.data.splits import labelled_patients
+
+    _check_split(split)
+    paths = shard_paths(dataset_dir)
+    keep = labelled_patients(_split_patients(paths, split), fraction, seed)
+    ds = _shard_stream(paths, col("split") == split, with_mask=True, with_class_labels=False)
+    ds = ds.map_batches(_HideMasks(keep), batch_format="numpy", batch_size=None)
+    what = f"partially_labelled_slices({os.fspath(dataset_dir)!r}, fraction={fraction!r}, split={split!r})"
+    return _finish(ds, what, materialize=materialize, augment=None, augment_batch_size=64)
 
 
 def has_shifted_site(dataset_dir: str | os.PathLike, split: str = "test", site: str = "B") -> bool:

@@ -1,0 +1,307 @@
+"""``medcl`` command line: parse, call one library function per verb, print.
+
+Verbs: ingest, pretrain, finetune, run, sweep, report, validate.
+Errors in user input exit with status 2 and one message naming the file, key or value.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("medcl")
+
+EXAMPLES = {
+    "ingest": """examples:
+  medcl ingest synthetic --out data/synth --num-patients 60 --seed 0
+  medcl ingest msd ../shared/data/Task04_Hippocampus --size 64 --out data/hippocampus
+  medcl ingest medmnist ../shared/data/pneumoniamnist/pneumoniamnist.npz --out data/pneumonia
+  medcl ingest folder images.csv --out data/derm --patient-column patient --label-column dx""",
+    "pretrain": """examples:
+  medcl pretrain --data data/synth --stage global_pretrain --set max_epochs=5 --out runs
+  medcl pretrain --data data/hippocampus --stage local_pretrain --set mode=block block_size=16 \\
+      label_fraction=0.05 init_from=runs/global/checkpoint --num-workers 2""",
+    "finetune": """examples:
+  medcl finetune --data data/synth --stage seg_finetune --set label_fraction=0.1 max_epochs=20
+  medcl finetune --data data/pneumonia --stage cls_finetune --set protocol=linear init_from=runs/simclr/ckpt""",
+    "run": """examples:
+  medcl run pipelines/quickstart.yaml
+  medcl run pipelines/hippocampus.yaml --smoke
+  medcl run pipelines/hippocampus.yaml --num-workers 4 --use-gpu --set tracking.tracking_uri=http://mlflow:5000""",
+    "sweep": """examples:
+  medcl sweep tune_spaces/local_temperature.yaml
+  medcl sweep tune_spaces/local_temperature.yaml --resume""",
+    "report": """examples:
+  medcl report --experiment medcl-quickstart --pipeline quickstart --metric test/dice_2d --out report/""",
+    "validate": """examples:
+  medcl validate pipelines/hippocampus.yaml
+  medcl validate tune_spaces/local_temperature.yaml""",
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: reported in one line, exit status 2."""
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s" if not args.verbose else
+                        "%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+    from medcl.ray_session import quiet_ray_logging
+
+    quiet_ray_logging(args.verbose)
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final result")
+    group.add_argument("-v", "--verbose", action="store_true", help="debug logs, Ray and MLflow logs included")
+
+
+def _add_scaling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-workers", type=int, default=None, help="Ray Train workers per stage (default 1)")
+    parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, bf16 autocast")
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+
+
+def _parse_option_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+# ----------------------------------------------------------------------------- ingest
+def _ingest_parser(sub: argparse._SubParsersAction) -> None:
+    from medcl.data.ingest import SOURCE_KINDS, ingest_options
+
+    parser = sub.add_parser("ingest", help="turn a data source into Parquet shards",
+                            epilog=EXAMPLES["ingest"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    kinds = parser.add_subparsers(dest="source_kind", required=True, metavar="SOURCE")
+    for kind in SOURCE_KINDS:
+        p = kinds.add_parser(kind, help=f"ingest a {kind} source", epilog=EXAMPLES["ingest"],
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(p)
+        if kind != "synthetic":
+            p.add_argument("source", help="task folder, .npz file or CSV")
+        p.add_argument("--out", required=True, help="dataset directory to write")
+        p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+        for name, default in ingest_options(kind).items():
+            flag = "--" + name.replace("_", "-")
+            p.add_argument(flag, dest=f"opt_{name}", type=_parse_option_value, default=None,
+                           help=f"(default: {default!r})")
+        p.set_defaults(func=_cmd_ingest)
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from medcl.data.ingest import ingest
+
+    options = {k[4:]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
+    manifest = ingest(args.source_kind, getattr(args, "source", None), args.out, options, force=args.force)
+    splits = ", ".join(f"{k}: {v}" for k, v in (manifest.splits or {}).items())
+    print(f"{args.out}: {manifest.num_patients} patients, {manifest.num_images} images "
+          f"[{splits}], image shape {list(manifest.image_shape)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- stages
+def _stage_parser(sub: argparse._SubParsersAction, verb: str, kinds: Sequence[str]) -> None:
+    parser = sub.add_parser(verb, help=f"run one {verb} stage on Ray Train", epilog=EXAMPLES[verb],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(parser)
+    parser.add_argument("--data", required=True, help="dataset directory (from medcl ingest)")
+    parser.add_argument("--stage", required=True, choices=kinds)
+    parser.add_argument("--config", default=None, help="YAML file with the stage's keys")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override stage keys")
+    parser.add_argument("--out", default="medcl_runs", help="storage path for checkpoints (default medcl_runs)")
+    parser.add_argument("--name", default=None, help="run name; the same name resumes (default: the stage kind)")
+    parser.add_argument("--smoke-test", action="store_true", help="one epoch, tiny batches")
+    _add_scaling(parser)
+    parser.set_defaults(func=_cmd_stage)
+
+
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from medcl.config import ScalingSpec, stage_config_from_dict
+    from medcl.config_loader import apply_overrides, load_yaml
+    from medcl.ray_session import init_ray
+    from medcl.train.driver import run_stage
+
+    data = load_yaml(args.config) if args.config else {}
+    data["kind"] = args.stage
+    if args.smoke_test:
+        data.update(max_epochs=1, batch_size_per_worker=min(int(data.get("batch_size_per_worker", 4)), 4))
+    data = apply_overrides(data, args.set)
+    cfg = stage_config_from_dict(data, source=args.config or "--set")
+    scaling = ScalingSpec(num_workers=args.num_workers or 1, use_gpu=bool(args.use_gpu))
+    init_ray(args.address, verbose=args.verbose)
+    result = run_stage(cfg, args.data, scaling=scaling, storage_path=args.out, name=args.name or args.stage)
+    print(json.dumps({"checkpoint": result.checkpoint, "metrics": result.metrics}, indent=2, default=float))
+    return 0
+
+
+# ----------------------------------------------------------------------------- run
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("run", help="run a pipeline file: every method × label fraction × seed",
+                            epilog=EXAMPLES["run"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(parser)
+    parser.add_argument("pipeline", help="pipelines/*.yaml")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override pipeline keys")
+    parser.add_argument("--smoke", action="store_true", help="apply the file's `smoke:` overrides (short CPU run)")
+    _add_scaling(parser)
+    parser.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from medcl.pipeline import run_pipeline
+    from medcl.pipeline_config import load_pipeline, with_scaling
+    from medcl.progress import ProgressCallback
+    from medcl.ray_session import init_ray
+
+    cfg = load_pipeline(args.pipeline, overrides=args.set, smoke=args.smoke)
+    cfg = with_scaling(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu)
+    init_ray(args.address, verbose=args.verbose)
+    progress = ProgressCallback(quiet=args.quiet)
+    result = run_pipeline(cfg, config_text=Path(args.pipeline).read_text(), callbacks=[progress])
+    _print_result(result, cfg.metric)
+    return 0
+
+
+def _print_result(result: Any, metric: str) -> None:
+    from medcl.report import format_table
+
+    if result.table is not None:
+        print(f"\nlabel efficiency: {metric} (mean ± std over seeds)")
+        print(format_table(result.table))
+    if result.png_path:
+        print(f"\ncurve: {result.png_path}\ntable: {result.csv_path}")
+    print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
+    if result.tracking_uri.startswith("sqlite:"):
+        print(f"see the runs: mlflow ui --backend-store-uri {result.tracking_uri}")
+
+
+# ----------------------------------------------------------------------------- sweep
+def _sweep_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("sweep", help="Ray Tune sweep over a search space file", epilog=EXAMPLES["sweep"],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(parser)
+    parser.add_argument("space", help="tune_spaces/*.yaml")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override sweep keys")
+    _add_scaling(parser)
+    parser.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from medcl.progress import ProgressCallback
+    from medcl.ray_session import init_ray
+    from medcl.tune import load_sweep, run_sweep
+
+    sweep = load_sweep(args.space, overrides=args.set)
+    init_ray(args.address, verbose=args.verbose)
+    result = run_sweep(sweep, resume=args.resume, callbacks=[ProgressCallback(quiet=args.quiet)],
+                       num_workers=args.num_workers, use_gpu=args.use_gpu)
+    print(result.summary())
+    return 0
+
+
+# ----------------------------------------------------------------------------- report
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("report", help="label-efficiency curve and table from MLflow runs",
+                            epilog=EXAMPLES["report"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(parser)
+    parser.add_argument("--experiment", default="medcl", help="MLflow experiment")
+    parser.add_argument("--pipeline", required=True, help="pipeline (parent run) name")
+    parser.add_argument("--metric", default="test/dice_2d")
+    parser.add_argument("--out", default="report", help="directory for the CSV and PNG")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: ./mlflow.db or MLFLOW_TRACKING_URI)")
+    parser.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from medcl import tracking as mlt
+    from medcl.report import format_table, write_report
+
+    target = mlt.configure_tracking(tracking_uri=args.tracking_uri, experiment=args.experiment, workdir=".")
+    parent = mlt.find_parent_run(target, args.pipeline)
+    if parent is None:
+        raise UserError(f"no pipeline run named {args.pipeline!r} in MLflow experiment {args.experiment!r}")
+    csv_path, png_path, table = write_report(target, parent, args.metric, args.out)
+    print(format_table(table))
+    print(f"\ncurve: {png_path}\ntable: {csv_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- validate
+def _validate_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("validate", help="check a pipeline or search-space file without running it",
+                            epilog=EXAMPLES["validate"], formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_common(parser)
+    parser.add_argument("file")
+    parser.set_defaults(func=_cmd_validate)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from medcl.config_loader import load_yaml
+
+    data = load_yaml(args.file)
+    if "space" in data:
+        from medcl.tune import load_sweep
+
+        load_sweep(args.file)
+    else:
+        from medcl.pipeline import plan_jobs
+        from medcl.pipeline_config import load_pipeline
+
+        cfg = load_pipeline(args.file)
+        print(f"{args.file}: valid; {len(plan_jobs(cfg))} stage jobs")
+        return 0
+    print(f"{args.file}: valid")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from medcl import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="medcl",
+        description="Label-efficient medical image analysis with contrastive learning, on Ray.",
+        epilog="Run `medcl VERB --help` for each verb's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"medcl {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    _ingest_parser(sub)
+    _stage_parser(sub, "pretrain", ["global_pretrain", "local_pretrain", "cls_pretrain"])
+    _stage_parser(sub, "finetune", ["seg_finetune", "cls_finetune"])
+    _run_parser(sub)
+    _sweep_parser(sub)
+    _report_parser(sub)
+    _validate_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medcl`` console script; returns the exit status."""
+    from medcl.config_loader import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, UserError, ValueError, FileNotFoundError) as exc:
+        if args.verbose:
+            raise
+        print(f"medcl {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medcl {args.verb}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Typed configs of every training stage, and how they are scaled.
+
+Each stage config is a frozen dataclass; ``to_dict`` feeds
+``train_loop_config`` and MLflow params, ``stage_config_from_dict`` rebuilds it
+inside a worker. Validation happens here, before any training starts; messages
+name the key and the value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from medcl.config_loader import ConfigError, build, to_dict
+
+__all__ = [
+    "ConfigError",
+    "UNetSpec",
+    "ResNetSpec",
+    "ScalingSpec",
+    "GlobalPretrainConfig",
+    "LocalPretrainConfig",
+    "SegFinetuneConfig",
+    "ClsPretrainConfig",
+    "ClsFinetuneConfig",
+    "STAGE_CONFIGS",
+    "StageConfig",
+    "stage_config_from_dict",
+    "to_dict",
+]
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class UNetSpec:
+    """U-Net shape (methods §3). ``features``: encoder widths, the last is the bottleneck."""
+
+    features: tuple[int, ...] = (16, 32, 64, 128, 256)
+    norm: Literal["instance", "batch"] = "instance"
+    embed_dim: int = 128
+
+    def __post_init__(self) -> None:
+        _check(len(self.features) >= 2, f"features must list at least 2 widths, got {list(self.features)}")
+        _check(all(f > 0 for f in self.features), f"features must be positive, got {list(self.features)}")
+        _check(self.embed_dim > 0, f"embed_dim must be > 0, got {self.embed_dim}")
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    """torchvision ResNet encoder for classification."""
+
+    arch: Literal["resnet18", "resnet50"] = "resnet18"
+    small_input: bool = True  # 3x3 stride-1 stem, no max-pool: for 28-64 px images
+    weights_path: Path | None = None  # e.g. ImageNet SimCLR weights; never downloaded
+    projection_dim: int = 128
+
+
+@dataclass(frozen=True)
+class ScalingSpec:
+    """How many Ray Train workers a stage runs on.
+
+    ``num_workers=1`` on CPU runs the loop inside the calling Ray task (no
+    trainer start-up); ``num_workers>1`` or ``use_gpu`` uses a ``TorchTrainer``.
+    """
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+
+
+@dataclass(frozen=True)
+class _StageBase:
+    max_epochs: int = 10
+    batch_size_per_worker: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_epochs: int = 0
+    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always checkpoints
+    seed: int = 0
+    init_from: Path | None = None  # checkpoint dir or model.pt of an earlier stage (heads dropped)
+
+    def __post_init__(self) -> None:
+        _check(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")
+        _check(self.batch_size_per_worker >= 1, f"batch_size_per_worker must be >= 1, got {self.batch_size_per_worker}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.warmup_epochs < self.max_epochs or self.warmup_epochs == 0,
+               f"warmup_epochs must be in [0, max_epochs), got {self.warmup_epochs}")
+        _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+def _check_fraction(value: float) -> None:
+    _check(0.0 < value <= 1.0, f"label_fraction must be in (0, 1], got {value}")
+
+
+def _check_temperature(value: float) -> None:
+    _check(value > 0, f"temperature must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class GlobalPretrainConfig(_StageBase):
+    """Stage 1: U-Net encoder, global contrastive loss on all training slices (methods §1a/§1d)."""
+
+    kind: Literal["global_pretrain"] = "global_pretrain"
+    positives: Literal["simclr", "partition"] = "simclr"
+    temperature: float = 0.1
+    num_partitions: int = 4
+    views: Literal["medical", "simclr"] = "medical"
+    model: UNetSpec = field(default_factory=UNetSpec)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_temperature(self.temperature)
+        _check(self.num_partitions >= 1, f"num_partitions must be >= 1, got {self.num_partitions}")
+
+
+@dataclass(frozen=True)
+class LocalPretrainConfig(_StageBase):
+    """Stage 2: whole U-Net, local (pixel) contrastive loss (methods §2).
+
+    ``loss``: ``supervised`` (2b) on the labelled patients' slices,
+    ``self_supervised`` (2a) on all training slices, or ``both``: each step
+    adds the supervised loss on a labelled batch and ``unsupervised_weight``
+    times the dense loss on a batch of all training slices.
+    """
+
+    kind: Literal["local_pretrain"] = "local_pretrain"
+    loss: Literal["supervised", "self_supervised", "both"] = "supervised"
+    mode: Literal["exact", "stride", "block"] = "stride"
+    stride: int = 4
+    block_size: int = 32
+    temperature: float = 0.1
+    unsupervised_weight: float = 1.0
+    label_fraction: float = 1.0
+    lr: float = 1e-4
+    model: UNetSpec = field(default_factory=UNetSpec)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_temperature(self.temperature)
+        _check_fraction(self.label_fraction)
+        _check(self.stride >= 1, f"stride must be >= 1, got {self.stride}")
+        _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        _check(self.unsupervised_weight >= 0, f"unsupervised_weight must be >= 0, got {self.unsupervised_weight}")
+
+
+@dataclass(frozen=True)
+class SegFinetuneConfig(_StageBase):
+    """Stage 3: segmentation fine-tuning (CE + soft Dice) on the labelled fraction."""
+
+    kind: Literal["seg_finetune"] = "seg_finetune"
+    label_fraction: float = 1.0
+    dice_weight: float = 1.0
+    augment: bool = True
+    lr: float = 5e-4
+    model: UNetSpec = field(default_factory=UNetSpec)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_fraction(self.label_fraction)
+        _check(self.dice_weight >= 0, f"dice_weight must be >= 0, got {self.dice_weight}")
+
+
+@dataclass(frozen=True)
+class ClsPretrainConfig(_StageBase):
+    """Stage 4: ResNet, SimCLR on all training images or MICLe on patient bags (methods §1a/§1c)."""
+
+    kind: Literal["cls_pretrain"] = "cls_pretrain"
+    method: Literal["simclr", "micle"] = "simclr"
+    temperature: float = 0.1
+    views: Literal["medical", "simclr"] = "medical"
+    model: ResNetSpec = field(default_factory=ResNetSpec)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_temperature(self.temperature)
+
+
+@dataclass(frozen=True)
+class ClsFinetuneConfig(_StageBase):
+    """Stage 5: classification fine-tuning on a label fraction: linear probe or full fine-tune."""
+
+    kind: Literal["cls_finetune"] = "cls_finetune"
+    protocol: Literal["linear", "full"] = "full"
+    label_fraction: float = 1.0
+    augment: bool = True
+    model: ResNetSpec = field(default_factory=ResNetSpec)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_fraction(self.label_fraction)
+
+
+StageConfig = GlobalPretrainConfig | LocalPretrainConfig | SegFinetuneConfig | ClsPretrainConfig | ClsFinetuneConfig
+
+STAGE_CONFIGS: dict[str, type] = {
+    "global_pretrain": GlobalPretrainConfig,
+    "local_pretrain": LocalPretrainConfig,
+    "seg_finetune": SegFinetuneConfig,
+    "cls_pretrain": ClsPretrainConfig,
+    "cls_finetune": ClsFinetuneConfig,
+}
+
+
+def stage_config_from_dict(data: dict[str, Any], *, path: str = "", source: str | None = None) -> StageConfig:
+    """Build the stage config named by ``data["kind"]``; errors carry the key path."""
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind not in STAGE_CONFIGS:
+        where = f"{path}.kind" if path else "kind"
+        raise ConfigError([f"{where}: must be one of {', '.join(map(repr, STAGE_CONFIGS))}, got {kind!r}"], source)
+    return build(STAGE_CONFIGS[kind], data, path=path, source=source)

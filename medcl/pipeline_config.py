@@ -1,0 +1,165 @@
+"""Pipeline files (``pipelines/*.yaml``): a dataset, stage templates, methods, fractions, seeds.
+
+A *method* is a chain of stage templates, e.g. ``[global, local, finetune]``;
+every method runs at every label fraction and seed. Validation happens here,
+before Ray starts: unknown keys, wrong types, missing files, fractions out of
+range and methods naming unknown stages are reported together, each with its
+key path.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from medcl.config import STAGE_CONFIGS, ScalingSpec, StageConfig, stage_config_from_dict
+from medcl.config_loader import ConfigError, apply_overrides, build, load_yaml
+
+__all__ = ["PipelineConfig", "DatasetSpec", "TrackingSpec", "load_pipeline"]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where the shards are, and how to make them if they are not there yet.
+
+    ``source`` names the ingest (``synthetic``, ``msd``, ``medmnist``,
+    ``folder``) or ``existing`` for shards made earlier; ``source_path`` is the
+    task folder / ``.npz`` / CSV; ``options`` the source's ingest options
+    (``medcl ingest SOURCE --help`` lists them). Re-running an ingest that is
+    up to date is a no-op.
+    """
+
+    path: Path
+    source: Literal["synthetic", "msd", "medmnist", "folder", "existing"] = "existing"
+    source_path: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    """MLflow: ``tracking_uri`` null → the embedded SQLite store in ``workdir``; env MLFLOW_TRACKING_URI wins over null."""
+
+    experiment: str = "medcl"
+    tracking_uri: str | None = None
+    workdir: Path = Path(".")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A whole experiment: see ``pipelines/quickstart.yaml`` for a commented example."""
+
+    name: str
+    dataset: DatasetSpec
+    stages: dict[str, dict[str, Any]]
+    methods: dict[str, list[str]]
+    label_fractions: list[float] = field(default_factory=lambda: [1.0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    metric: str = "test/dice_2d"
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    storage_path: str = "medcl_runs"  # local directory, or s3://... / gs://... shared by all nodes
+    max_concurrent_trials: int = 2
+    description: str = ""
+    smoke: list[str] = field(default_factory=list)  # key=value overrides applied by `medcl run --smoke`
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.label_fractions if not 0.0 < f <= 1.0]
+        if bad:
+            raise ValueError(f"label_fractions must be in (0, 1], got {bad}")
+        if not self.label_fractions:
+            raise ValueError("label_fractions must not be empty")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        if self.max_concurrent_trials < 1:
+            raise ValueError(f"max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}")
+
+    def stage(self, name: str) -> StageConfig:
+        """The typed template of stage ``name``."""
+        return stage_config_from_dict(self.stages[name], path=f"stages.{name}")
+
+
+def _check_stages(cfg: PipelineConfig, problems: list[str]) -> None:
+    for name, data in cfg.stages.items():
+        try:
+            cfg.stage(name)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    for method, chain in cfg.methods.items():
+        if not chain:
+            problems.append(f"methods.{method}: must list at least one stage")
+        for i, stage in enumerate(chain):
+            if stage not in cfg.stages:
+                problems.append(f"methods.{method}[{i}]: unknown stage {stage!r}; defined: {sorted(cfg.stages)}")
+        kinds = [cfg.stages.get(s, {}).get("kind") for s in chain]
+        if kinds and kinds[-1] not in ("seg_finetune", "cls_finetune"):
+            problems.append(f"methods.{method}: must end with a fine-tuning stage, ends with {kinds[-1]!r}")
+    for name, data in cfg.stages.items():
+        for key in ("seed", "label_fraction", "init_from"):
+            if key in data:
+                problems.append(f"stages.{name}.{key}: set by the pipeline (seeds, label_fractions, methods); "
+                                "remove it here")
+
+
+def _check_dataset(spec: DatasetSpec, problems: list[str]) -> None:
+    if spec.source == "existing":
+        return
+    from medcl.data.ingest import ingest_options
+
+    known = ingest_options(spec.source)
+    for key in sorted(set(spec.options) - set(known)):
+        problems.append(f"dataset.options.{key}: unknown {spec.source} ingest option; known: {sorted(known)}")
+    if spec.source == "synthetic":
+        if spec.source_path is not None:
+            problems.append("dataset.source_path: the synthetic source takes no source_path")
+    elif spec.source_path is None:
+        problems.append(f"dataset.source_path: required for source {spec.source!r}")
+    elif not spec.source_path.exists():
+        problems.append(f"dataset.source_path: {spec.source_path} does not exist")
+
+
+def load_pipeline(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> PipelineConfig:
+    """Read and fully validate a pipeline file; ``overrides`` are ``key.path=value`` strings.
+
+    ``smoke`` first applies the file's own ``smoke:`` overrides (a short CPU run).
+
+    Relative paths in the file (dataset path, ingest source paths, storage,
+    MLflow workdir) are taken relative to the current directory.
+
+    Raises:
+        ConfigError: every problem found, one per line, with its key path.
+    """
+    data = load_yaml(path)
+    if smoke:
+        smoke_overrides = data.get("smoke") or []
+        if not isinstance(smoke_overrides, list) or not smoke_overrides:
+            raise ConfigError(["smoke: --smoke needs a non-empty list of key=value overrides in the file"],
+                              source=str(path))
+        data = apply_overrides(data, [str(o) for o in smoke_overrides])
+    if overrides:
+        data = apply_overrides(data, overrides)
+    cfg = build(PipelineConfig, data, source=str(path))
+    problems: list[str] = []
+    _check_stages(cfg, problems)
+    if cfg.dataset.source == "existing" and not (cfg.dataset.path / "manifest.json").is_file():
+        problems.append(f"dataset.path: no dataset at {cfg.dataset.path} (manifest.json missing); "
+                        "ingest one first or set dataset.source")
+    _check_dataset(cfg.dataset, problems)
+    if problems:
+        raise ConfigError(problems, source=str(path))
+    return cfg
+
+
+def with_scaling(cfg: PipelineConfig, **changes: Any) -> PipelineConfig:
+    """A copy with some ScalingSpec fields replaced (``--num-workers``, ``--use-gpu``)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, **changes))
+
+
+def resolve_storage(path: str | Path) -> str:
+    """Absolute local path, or a URI (``s3://bucket/prefix``) left as it is."""
+    text = str(path)
+    return text if "://" in text else str(Path(text).resolve())
+
+
+STAGE_KINDS = tuple(STAGE_CONFIGS)

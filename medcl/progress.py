@@ -1,0 +1,54 @@
+"""Compact progress lines for pipelines and sweeps (instead of Ray's tables and log noise)."""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+__all__ = ["ProgressCallback"]
+
+
+class ProgressCallback(Callback):
+    """Prints one line per finished epoch and per finished trial, with an ETA per trial.
+
+    Args:
+        quiet: Print only finished trials.
+        stream: Where to write (stderr by default, so stdout keeps the results).
+    """
+
+    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self._start: dict[str, float] = {}
+        self._done = 0
+
+    def _name(self, trial: Any) -> str:
+        return str(trial.config.get("job") or trial.config.get("trial") or trial.trial_id)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._start[trial.trial_id] = time.monotonic()
+        if not self.quiet:
+            print(f"[start] {self._name(trial)}", file=self.stream, flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if self.quiet or "epoch" not in result:
+            return
+        epoch = int(result["epoch"]) + 1
+        total = int(trial.config.get("max_epochs", 0) or result.get("max_epochs", 0) or 0)
+        elapsed = time.monotonic() - self._start.get(trial.trial_id, time.monotonic())
+        eta = f", eta {elapsed / epoch * (total - epoch):.0f}s" if total and epoch < total else ""
+        loss = result.get("train/loss")
+        loss_text = f" loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+        of_total = f"/{total}" if total else ""
+        print(f"  {self._name(trial)}: epoch {epoch}{of_total}{loss_text}{eta}", file=self.stream, flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._done += 1
+        elapsed = time.monotonic() - self._start.get(trial.trial_id, time.monotonic())
+        print(f"[done {self._done}/{len(trials)}] {self._name(trial)} in {elapsed:.0f}s",
+              file=self.stream, flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"[error] {self._name(trial)}: see {trial.local_path}", file=self.stream, flush=True)

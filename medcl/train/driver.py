@@ -1,0 +1,137 @@
+"""Run one training stage: build its Ray Datasets, run its loop on Ray Train, hand back a checkpoint.
+
+``run_stage`` is the single entry point the CLI, the pipeline runner and the
+tests use. With ``ScalingSpec(num_workers=N)`` it runs a ``TorchTrainer``
+(gloo on CPU, NCCL on GPU); ``run_stage_inline`` runs the same loop in the
+calling process of a Ray Tune trial (one CPU worker, no worker-group start-up).
+"""
+from __future__ import annotations
+
+import logging
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from medcl.config import ScalingSpec, StageConfig, stage_config_from_dict, to_dict
+from medcl.train import cls_finetune, cls_pretrain, global_pretrain, local_pretrain, seg_finetune
+from medcl.pipeline_config import resolve_storage
+from medcl.train.loop import StageInputs, steps_per_epoch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["STAGES", "StageResult", "run_stage", "run_stage_inline", "stage_inputs", "train_loop_per_worker"]
+
+STAGES: dict[str, types.ModuleType] = {
+    "global_pretrain": global_pretrain,
+    "local_pretrain": local_pretrain,
+    "seg_finetune": seg_finetune,
+    "cls_pretrain": cls_pretrain,
+    "cls_finetune": cls_finetune,
+}
+
+_CLASSIFICATION = ("cls_pretrain", "cls_finetune")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a finished stage hands on.
+
+    Attributes:
+        checkpoint: Directory of the last checkpoint (``model.pt`` + ``meta.json``), for the next stage's ``init_from``.
+        metrics: The last epoch's metrics, with evaluation metrics when the stage evaluates.
+        run_dir: Where Ray keeps the run (for resume).
+    """
+
+    checkpoint: str | None
+    metrics: dict[str, float]
+    run_dir: str
+
+
+def stage_inputs(cfg: StageConfig, dataset_dir: str | Path, streams: dict[str, Any], world_size: int,
+                 *, amp: bool = False, tracking: dict | None = None) -> StageInputs:
+    """Derive the loop's inputs from the manifest and the size of the training stream."""
+    from medcl.data.manifest import read_manifest
+
+    manifest = read_manifest(dataset_dir)
+    in_channels = int(manifest.image_shape[0])
+    if cfg.kind in _CLASSIFICATION:
+        num_classes = max(1, len(manifest.class_names or []))
+        multilabel = manifest.task == "multilabel"
+    else:
+        num_classes = max(2, len(manifest.label_map or {}))
+        multilabel = False
+    rows = streams["train"].count()
+    steps = steps_per_epoch(rows, cfg.batch_size_per_worker, world_size)
+    return StageInputs(dataset_dir=str(dataset_dir), in_channels=in_channels, num_classes=num_classes,
+                       multilabel=multilabel, steps_per_epoch=steps, amp=amp, tracking=tracking)
+
+
+def _loop_config(cfg: StageConfig, inputs: StageInputs) -> dict[str, Any]:
+    return {"stage": to_dict(cfg), "inputs": asdict(inputs)}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
+    """``TorchTrainer`` entry: rebuild the typed config and run the stage's loop on this worker."""
+    from medcl.train.context import RayTrainContext
+
+    cfg = stage_config_from_dict(loop_config["stage"])
+    inputs = StageInputs(**loop_config["inputs"])
+    return STAGES[cfg.kind].run(RayTrainContext(), cfg, inputs)
+
+
+def run_stage(cfg: StageConfig, dataset_dir: str | Path, *, scaling: ScalingSpec = ScalingSpec(),
+              storage_path: str | Path, name: str, tracking: dict | None = None,
+              callbacks: list | None = None) -> StageResult:
+    """Run one stage on a ``TorchTrainer`` with ``scaling.num_workers`` workers.
+
+    Starting again with the same ``storage_path`` and ``name`` resumes the run
+    from its latest checkpoint; a worker failure restarts the group from the
+    latest checkpoint up to ``scaling.max_failures`` times.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    dataset_dir = str(Path(dataset_dir).resolve())
+    streams = STAGES[cfg.kind].datasets(cfg, dataset_dir)  # materialised once by the stream builders
+    amp = scaling.use_gpu
+    inputs = stage_inputs(cfg, dataset_dir, streams, scaling.num_workers, amp=amp, tracking=tracking)
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=_loop_config(cfg, inputs),
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=resolve_storage(storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets=streams,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    metrics = dict(result.return_value or result.metrics or {})
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    return StageResult(checkpoint=checkpoint, metrics=metrics, run_dir=str(result.path))
+
+
+def run_stage_inline(cfg: StageConfig, dataset_dir: str | Path, *, use_gpu: bool = False,
+                     tracking: dict | None = None, streams: dict[str, Any] | None = None) -> dict[str, float]:
+    """Run one stage in this process, inside a Ray Tune function trainable.
+
+    Reports and checkpoints go through ``ray.tune``; a restarted or restored
+    trial resumes from its latest checkpoint. Returns the last metrics.
+    """
+    from medcl.train.context import TuneTrialContext
+
+    dataset_dir = str(Path(dataset_dir).resolve())
+    if streams is None:
+        streams = STAGES[cfg.kind].datasets(cfg, dataset_dir)  # materialised once by the stream builders
+    inputs = stage_inputs(cfg, dataset_dir, streams, 1, amp=use_gpu, tracking=tracking)
+    ctx = TuneTrialContext(streams, use_gpu=use_gpu)
+    return STAGES[cfg.kind].run(ctx, cfg, inputs)
