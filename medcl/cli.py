@@ -156,7 +156,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from medcl.pipeline import run_pipeline
+    from medcl.pipeline import plan_jobs, run_pipeline
     from medcl.pipeline_config import load_pipeline, with_scaling
     from medcl.progress import ProgressCallback
     from medcl.ray_session import init_ray
@@ -164,7 +164,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_pipeline(args.pipeline, overrides=args.set, smoke=args.smoke)
     cfg = with_scaling(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu)
     init_ray(args.address, verbose=args.verbose)
-    progress = ProgressCallback(quiet=args.quiet)
+    progress = ProgressCallback(quiet=args.quiet, total=len(plan_jobs(cfg)))
     result = run_pipeline(cfg, config_text=Path(args.pipeline).read_text(), callbacks=[progress])
     _print_result(result, cfg.metric)
     return 0

@@ -120,7 +120,8 @@ def _job_params(cfg: PipelineConfig, job: Job) -> dict[str, Any]:
 
 
 def _trial(config: dict[str, Any], pipeline: PipelineConfig, jobs: dict[str, Job],
-           checkpoints: dict[str, str | None], tracking: dict[str, Any]) -> None:
+           checkpoints: dict[str, str | None], tracking: dict[str, Any],
+           streams: dict[str, dict[str, Any]]) -> None:
     """Ray Tune trial: run one job (inline or on a TorchTrainer), logging to its MLflow child run.
 
     Metrics and checkpoints reach Tune through the stage's per-epoch reports.
@@ -143,14 +144,15 @@ def _trial(config: dict[str, Any], pipeline: PipelineConfig, jobs: dict[str, Job
     scaling = pipeline.scaling
     try:
         if scaling.num_workers == 1 and not scaling.use_gpu:
-            metrics = run_stage_inline(stage_cfg, pipeline.dataset.path, tracking=run_tracking)
+            metrics = run_stage_inline(stage_cfg, pipeline.dataset.path, tracking=run_tracking,
+                                       streams=streams[job.key])
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
             train_storage = f"{resolve_storage(pipeline.storage_path)}/{pipeline.name}/train"
             result = run_stage(stage_cfg, pipeline.dataset.path, scaling=scaling, storage_path=train_storage,
                                name=tune.get_context().get_trial_id(), tracking=run_tracking,
-                               callbacks=[TuneReportCallback()])
+                               callbacks=[TuneReportCallback()], streams=streams[job.key])
             metrics = result.metrics
         mlt.finish_run(target, run_id, metrics=metrics, status="FINISHED")
     except (KeyboardInterrupt, SystemExit):
@@ -170,12 +172,15 @@ def _trial_resources(cfg: PipelineConfig) -> dict[str, float]:
 
 
 def _run_wave(cfg: PipelineConfig, depth: int, wave: list[Job], jobs: dict[str, Job],
-              checkpoints: dict[str, str | None], tracking: dict[str, Any], callbacks: list) -> dict[str, Any]:
+              checkpoints: dict[str, str | None], tracking: dict[str, Any], callbacks: list,
+              streams: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """One Tune experiment over the jobs of one depth; resumes a previous attempt of it."""
     from ray import tune
 
+    streams = {job.key: streams[job.key] for job in wave}
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, pipeline=cfg, jobs=jobs, checkpoints=dict(checkpoints), tracking=tracking),
+        tune.with_parameters(_trial, pipeline=cfg, jobs=jobs, checkpoints=dict(checkpoints), tracking=tracking,
+                             streams=streams),
         _trial_resources(cfg),
     )
     storage = f"{resolve_storage(cfg.storage_path)}/{cfg.name}"
@@ -206,6 +211,17 @@ def _run_wave(cfg: PipelineConfig, depth: int, wave: list[Job], jobs: dict[str, 
         raise RuntimeError(f"{len(errors)} job(s) of wave {depth} failed (re-run the same command to resume):\n  "
                            + "\n  ".join(errors))
     return out
+
+
+def _build_all_streams(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, dict[str, Any]]:
+    """Every job's datasets; each distinct stream is read and decoded once, all builds in parallel."""
+    from medcl.data.ray_datasets import build_streams
+    from medcl.train.driver import STAGES
+
+    specs = {job.key: STAGES[job.config.kind].datasets(job.config, str(cfg.dataset.path)) for job in jobs}
+    flat = {f"{key}\0{name}": spec for key, named in specs.items() for name, spec in named.items()}
+    built = build_streams(flat)
+    return {key: {name: built[f"{key}\0{name}"] for name in named} for key, named in specs.items()}
 
 
 def prepare_dataset(cfg: PipelineConfig) -> Path:
@@ -247,10 +263,11 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
     by_key = {job.key: job for job in jobs}
     checkpoints: dict[str, str | None] = {}
     metrics: dict[str, dict[str, float]] = {}
+    streams = _build_all_streams(cfg, jobs)
     for depth in sorted({job.depth for job in jobs}):
         wave = [job for job in jobs if job.depth == depth]
         logger.info("wave %d: %d job(s)", depth, len(wave))
-        results = _run_wave(cfg, depth, wave, by_key, checkpoints, tracking, callbacks or [])
+        results = _run_wave(cfg, depth, wave, by_key, checkpoints, tracking, callbacks or [], streams)
         for key, result in results.items():
             checkpoints[key] = result.checkpoint.path if result.checkpoint is not None else None
             metrics[key] = dict(result.metrics or {})

@@ -16,10 +16,12 @@ class ProgressCallback(Callback):
     Args:
         quiet: Print only finished trials.
         stream: Where to write (stderr by default, so stdout keeps the results).
+        total: Number of trials in the whole run (all waves), for the "done k/N" count.
     """
 
-    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
+    def __init__(self, quiet: bool = False, stream: Any = None, total: int | None = None) -> None:
         self.quiet = quiet
+        self.total = total
         self.stream = stream or sys.stderr
         self._start: dict[str, float] = {}
         self._done = 0
@@ -47,7 +49,7 @@ class ProgressCallback(Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._done += 1
         elapsed = time.monotonic() - self._start.get(trial.trial_id, time.monotonic())
-        print(f"[done {self._done}/{len(trials)}] {self._name(trial)} in {elapsed:.0f}s",
+        print(f"[done {self._done}/{self.total or len(trials)}] {self._name(trial)} in {elapsed:.0f}s",
               file=self.stream, flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -25,7 +25,6 @@ def quiet_ray_logging(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     level = logging.INFO if verbose else logging.WARNING
     for name in ("ray", "ray.data", "ray.tune", "ray.train", "mlflow", "alembic"):

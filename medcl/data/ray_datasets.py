@@ -32,6 +32,7 @@ import glob
 import logging
 import os
 import threading
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -507,3 +508,49 @@ def torch_batches(shard: Any, batch_size: int, *, collate_fn: NumpyBatchCollateF
     return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate_fn, drop_last=drop_last,
                                     local_shuffle_buffer_size=local_shuffle_buffer_size,
                                     local_shuffle_seed=local_shuffle_seed, prefetch_batches=prefetch_batches)
+
+
+# --------------------------------------------------------------------------- stream specs
+@dataclass(frozen=True)
+class StreamSpec:
+    """A stream named by the function that builds it and its arguments (hashable).
+
+    Stages declare what they read as specs; a driver that runs many jobs builds
+    each distinct stream once (``build_streams`` with a shared cache) and hands
+    the materialised datasets to every job that reads it.
+    """
+
+    fn: str
+    dataset_dir: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, fn: str, dataset_dir: str | os.PathLike, **kwargs: Any) -> "StreamSpec":
+        if fn not in _STREAM_FUNCTIONS:
+            raise ValueError(f"unknown stream {fn!r}; choose from {sorted(_STREAM_FUNCTIONS)}")
+        return cls(fn, os.fspath(dataset_dir), tuple(sorted(kwargs.items())))
+
+    def build(self) -> ray.data.Dataset:
+        return globals()[self.fn](self.dataset_dir, **dict(self.kwargs))
+
+
+_STREAM_FUNCTIONS = ("train_images", "labelled_slices", "labelled_images", "partially_labelled_slices",
+                     "eval_slices", "patient_bags")
+
+
+def build_streams(specs: Mapping[str, StreamSpec], cache: dict[StreamSpec, Any] | None = None,
+                  max_parallel: int = 4) -> dict[str, Any]:
+    """Materialised datasets for ``specs`` (name -> spec), each distinct spec built once.
+
+    Builds run in threads so that their Ray Data executions overlap (each has a
+    fixed cost of seconds on a small machine). ``cache`` is filled in place.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = {} if cache is None else cache
+    missing = sorted({spec for spec in specs.values() if spec not in cache}, key=repr)
+    if missing:
+        with ThreadPoolExecutor(max_workers=max(1, min(max_parallel, len(missing)))) as pool:
+            for spec, ds in zip(missing, pool.map(lambda s: s.build(), missing)):
+                cache[spec] = ds
+    return {name: cache[spec] for name, spec in specs.items()}

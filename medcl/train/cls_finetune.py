@@ -7,8 +7,6 @@ dataset has one.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +15,7 @@ from medcl.data.augment import make_views
 from medcl.models import ResNetClassifier
 from medcl.train.cls_pretrain import build_encoder
 from medcl.train.checkpoints import load_model_weights
+from medcl.data.ray_datasets import StreamSpec
 from medcl.train.context import StageContext
 from medcl.train.evaluate import evaluate_classification
 from medcl.train.loop import StageInputs, build_optimizer, epoch_batches, fit
@@ -26,16 +25,16 @@ from medcl.train.tracking_hook import rank_zero_logger
 __all__ = ["datasets", "run"]
 
 
-def datasets(cfg: ClsFinetuneConfig, dataset_dir: str) -> dict[str, Any]:
+def datasets(cfg: ClsFinetuneConfig, dataset_dir: str) -> dict[str, StreamSpec]:
     """Ray Datasets this stage reads (driver side)."""
-    from medcl.data import ray_datasets
+    from medcl.data.ray_datasets import has_shifted_site
 
     streams = {
-        "train": ray_datasets.labelled_images(dataset_dir, cfg.label_fraction, cfg.seed),
-        "test": ray_datasets.eval_slices(dataset_dir, split="test", site="A"),
+        "train": StreamSpec.of("labelled_images", dataset_dir, fraction=cfg.label_fraction, seed=cfg.seed),
+        "test": StreamSpec.of("eval_slices", dataset_dir, split="test", site="A"),
     }
-    if ray_datasets.has_shifted_site(dataset_dir):
-        streams["test_shifted"] = ray_datasets.eval_slices(dataset_dir, split="test", site="B")
+    if has_shifted_site(dataset_dir):
+        streams["test_shifted"] = StreamSpec.of("eval_slices", dataset_dir, split="test", site="B")
     return streams
 
 

@@ -6,8 +6,6 @@ image falls back to two views of it). NT-Xent with negatives from all ranks.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from medcl.config import ClsPretrainConfig
@@ -15,6 +13,7 @@ from medcl.data.augment import make_views
 from medcl.losses import nt_xent
 from medcl.models import ResNetEncoder
 from medcl.train.checkpoints import load_model_weights
+from medcl.data.ray_datasets import StreamSpec
 from medcl.train.context import StageContext
 from medcl.train.loop import StageInputs, build_optimizer, epoch_batches, fit
 from medcl.train.nets import ContrastiveResNet
@@ -30,13 +29,11 @@ def build_encoder(spec, in_channels: int) -> ResNetEncoder:
     return ResNetEncoder(spec.arch, in_channels=in_channels, small_input=spec.small_input, weights_path=weights)
 
 
-def datasets(cfg: ClsPretrainConfig, dataset_dir: str) -> dict[str, Any]:
+def datasets(cfg: ClsPretrainConfig, dataset_dir: str) -> dict[str, StreamSpec]:
     """Ray Datasets this stage reads (driver side). No labels are used."""
-    from medcl.data import ray_datasets
-
     if cfg.method == "simclr":
-        return {"train": ray_datasets.train_images(dataset_dir)}
-    return {"train": ray_datasets.patient_bags(dataset_dir, split="train")}
+        return {"train": StreamSpec.of("train_images", dataset_dir)}
+    return {"train": StreamSpec.of("patient_bags", dataset_dir, split="train")}
 
 
 def run(ctx: StageContext, cfg: ClsPretrainConfig, inputs: StageInputs) -> dict[str, float]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from medcl.config import ScalingSpec, StageConfig, stage_config_from_dict, to_dict
 from medcl.train import cls_finetune, cls_pretrain, global_pretrain, local_pretrain, seg_finetune
+from medcl.data.ray_datasets import build_streams
 from medcl.pipeline_config import resolve_storage
 from medcl.train.loop import StageInputs, steps_per_epoch
 
@@ -82,18 +83,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
 
 def run_stage(cfg: StageConfig, dataset_dir: str | Path, *, scaling: ScalingSpec = ScalingSpec(),
               storage_path: str | Path, name: str, tracking: dict | None = None,
-              callbacks: list | None = None) -> StageResult:
+              callbacks: list | None = None, streams: dict[str, Any] | None = None) -> StageResult:
     """Run one stage on a ``TorchTrainer`` with ``scaling.num_workers`` workers.
 
     Starting again with the same ``storage_path`` and ``name`` resumes the run
     from its latest checkpoint; a worker failure restarts the group from the
-    latest checkpoint up to ``scaling.max_failures`` times.
+    latest checkpoint up to ``scaling.max_failures`` times. ``streams``: the
+    stage's datasets when the caller built them already (``build_streams``).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
 
     dataset_dir = str(Path(dataset_dir).resolve())
-    streams = STAGES[cfg.kind].datasets(cfg, dataset_dir)  # materialised once by the stream builders
+    if streams is None:
+        streams = build_streams(STAGES[cfg.kind].datasets(cfg, dataset_dir))
     amp = scaling.use_gpu
     inputs = stage_inputs(cfg, dataset_dir, streams, scaling.num_workers, amp=amp, tracking=tracking)
     resources = {"CPU": scaling.cpus_per_worker}
@@ -131,7 +134,7 @@ def run_stage_inline(cfg: StageConfig, dataset_dir: str | Path, *, use_gpu: bool
 
     dataset_dir = str(Path(dataset_dir).resolve())
     if streams is None:
-        streams = STAGES[cfg.kind].datasets(cfg, dataset_dir)  # materialised once by the stream builders
+        streams = build_streams(STAGES[cfg.kind].datasets(cfg, dataset_dir))
     inputs = stage_inputs(cfg, dataset_dir, streams, 1, amp=use_gpu, tracking=tracking)
     ctx = TuneTrialContext(streams, use_gpu=use_gpu)
     return STAGES[cfg.kind].run(ctx, cfg, inputs)

@@ -8,14 +8,13 @@ Negatives come from all ranks (gathered with gradient).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from medcl.config import GlobalPretrainConfig
 from medcl.data.augment import make_views
 from medcl.losses import multi_positive_nt_xent, nt_xent
 from medcl.train.checkpoints import load_model_weights
+from medcl.data.ray_datasets import StreamSpec
 from medcl.train.context import StageContext
 from medcl.train.loop import StageInputs, build_optimizer, epoch_batches, fit
 from medcl.train.nets import UNetPart, build_unet
@@ -25,13 +24,11 @@ from medcl.train.tracking_hook import rank_zero_logger
 __all__ = ["datasets", "run"]
 
 
-def datasets(cfg: GlobalPretrainConfig, dataset_dir: str) -> dict[str, Any]:
+def datasets(cfg: GlobalPretrainConfig, dataset_dir: str) -> dict[str, StreamSpec]:
     """Ray Datasets this stage reads (driver side)."""
-    from medcl.data import ray_datasets
-
     if cfg.positives == "simclr":
-        return {"train": ray_datasets.train_images(dataset_dir)}
-    return {"train": ray_datasets.patient_bags(dataset_dir, split="train")}
+        return {"train": StreamSpec.of("train_images", dataset_dir)}
+    return {"train": StreamSpec.of("patient_bags", dataset_dir, split="train")}
 
 
 def run(ctx: StageContext, cfg: GlobalPretrainConfig, inputs: StageInputs) -> dict[str, float]:

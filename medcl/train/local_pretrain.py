@@ -11,8 +11,6 @@ loss is made affordable the same way as the supervised one (``mode``: every
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from medcl.config import LocalPretrainConfig
@@ -20,6 +18,7 @@ from medcl.data.augment import make_views
 from medcl.data.schema import IGNORE_INDEX
 from medcl.losses import dense_local_contrastive, supervised_local_contrastive
 from medcl.train.checkpoints import load_model_weights
+from medcl.data.ray_datasets import StreamSpec
 from medcl.train.context import StageContext
 from medcl.train.loop import StageInputs, build_optimizer, epoch_batches, fit
 from medcl.train.nets import UNetPart, build_unet
@@ -29,15 +28,14 @@ from medcl.train.tracking_hook import rank_zero_logger
 __all__ = ["datasets", "run"]
 
 
-def datasets(cfg: LocalPretrainConfig, dataset_dir: str) -> dict[str, Any]:
+def datasets(cfg: LocalPretrainConfig, dataset_dir: str) -> dict[str, StreamSpec]:
     """Ray Datasets this stage reads (driver side). Test patients never appear."""
-    from medcl.data import ray_datasets
-
     if cfg.loss == "supervised":
-        return {"train": ray_datasets.labelled_slices(dataset_dir, cfg.label_fraction, cfg.seed)}
+        return {"train": StreamSpec.of("labelled_slices", dataset_dir, fraction=cfg.label_fraction, seed=cfg.seed)}
     if cfg.loss == "self_supervised":
-        return {"train": ray_datasets.train_images(dataset_dir)}
-    return {"train": ray_datasets.partially_labelled_slices(dataset_dir, cfg.label_fraction, cfg.seed)}
+        return {"train": StreamSpec.of("train_images", dataset_dir)}
+    return {"train": StreamSpec.of("partially_labelled_slices", dataset_dir, fraction=cfg.label_fraction,
+                                   seed=cfg.seed)}
 
 
 def run(ctx: StageContext, cfg: LocalPretrainConfig, inputs: StageInputs) -> dict[str, float]:

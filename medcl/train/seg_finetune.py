@@ -6,13 +6,12 @@ shifted site, when the dataset has one) after the last epoch.
 """
 from __future__ import annotations
 
-from typing import Any
-
 from medcl.config import SegFinetuneConfig
 from medcl.data.augment import JointTransform
 from medcl.data.schema import IGNORE_INDEX
 from medcl.losses import segmentation_loss
 from medcl.train.checkpoints import load_model_weights
+from medcl.data.ray_datasets import StreamSpec
 from medcl.train.context import StageContext
 from medcl.train.evaluate import evaluate_segmentation
 from medcl.train.loop import StageInputs, build_optimizer, epoch_batches, fit
@@ -23,16 +22,16 @@ from medcl.train.tracking_hook import rank_zero_logger
 __all__ = ["datasets", "run"]
 
 
-def datasets(cfg: SegFinetuneConfig, dataset_dir: str) -> dict[str, Any]:
+def datasets(cfg: SegFinetuneConfig, dataset_dir: str) -> dict[str, StreamSpec]:
     """Ray Datasets this stage reads (driver side): labelled train slices, test slices."""
-    from medcl.data import ray_datasets
+    from medcl.data.ray_datasets import has_shifted_site
 
     streams = {
-        "train": ray_datasets.labelled_slices(dataset_dir, cfg.label_fraction, cfg.seed),
-        "test": ray_datasets.eval_slices(dataset_dir, split="test", site="A"),
+        "train": StreamSpec.of("labelled_slices", dataset_dir, fraction=cfg.label_fraction, seed=cfg.seed),
+        "test": StreamSpec.of("eval_slices", dataset_dir, split="test", site="A"),
     }
-    if ray_datasets.has_shifted_site(dataset_dir):
-        streams["test_shifted"] = ray_datasets.eval_slices(dataset_dir, split="test", site="B")
+    if has_shifted_site(dataset_dir):
+        streams["test_shifted"] = StreamSpec.of("eval_slices", dataset_dir, split="test", site="B")
     return streams
 
 
