@@ -13,6 +13,7 @@ Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Path``,
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -23,6 +24,8 @@ import yaml
 __all__ = ["ConfigError", "build", "to_dict", "apply_overrides", "load_yaml"]
 
 T = TypeVar("T")
+
+_YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 class ConfigError(ValueError):
@@ -119,24 +122,40 @@ def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> An
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(map(str, data)) - set(fields))
     for key in unknown:
-        close = [name for name in fields if name.replace("_", "") == key.replace("_", "").replace("-", "")]
-        hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(sorted(fields))}"
+        close = _closest(key, fields)
+        hint = f" (did you mean {close!r}?)" if close else f"; known keys: {', '.join(sorted(fields))}"
         problems.append(f"{_join(path, key)}: unknown key{hint}")
     kwargs = {}
-    before = len(problems)
+    failed = False
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], _join(path, name), problems)
+            before = len(problems)
+            value = _coerce(hints[name], data[name], _join(path, name), problems)
+            if len(problems) == before:
+                kwargs[name] = value
+            else:
+                failed = True  # keep the default in place so that the remaining checks still run
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             problems.append(f"{_join(path, name)}: required key is missing")
-    if len(problems) > before:
-        return None
+            failed = True
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        problems.append(f"{where}: {exc}")
+        # Range checks in __post_init__ word their message "<field> must ...": report it at the field's path.
+        name, _, rest = str(exc).partition(" ")
+        if "required positional argument" not in str(exc):
+            problems.append(f"{_join(path, name)}: {rest}" if name in fields and rest else f"{where}: {exc}")
         return None
-    return obj
+    return None if failed else obj
+
+
+def _closest(key: str, names: Any) -> str | None:
+    """The known key a mistyped ``key`` most likely meant (``max_epoch`` -> ``max_epochs``), or None."""
+    import difflib
+
+    norm = key.replace("-", "_").lower()
+    match = difflib.get_close_matches(norm, list(names), n=1, cutoff=0.75)
+    return match[0] if match else None
 
 
 def _type_name(tp: Any) -> str:
@@ -189,6 +208,9 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _YAML11_EXPONENT.match(value.strip()):
+            # PyYAML (YAML 1.1) reads 1e-3 (no dot in the mantissa) as a string; take it as the number it is.
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{path}: expected a number, got {value!r}")
             return value

@@ -79,26 +79,37 @@ class PipelineConfig:
         return stage_config_from_dict(self.stages[name], path=f"stages.{name}")
 
 
-def _check_stages(cfg: PipelineConfig, problems: list[str]) -> None:
-    for name, data in cfg.stages.items():
+def _check_stages(stages: Any, methods: Any, problems: list[str]) -> None:
+    """Stage templates and method chains, checked on the raw mapping (so other errors don't hide these)."""
+    if not isinstance(stages, dict) or not isinstance(methods, dict):
+        return  # the dataclass build already reported the type
+    for name, data in stages.items():
+        if not isinstance(data, dict):
+            continue
         try:
-            cfg.stage(name)
+            stage_config_from_dict(data, path=f"stages.{name}")
         except ConfigError as exc:
             problems.extend(exc.problems)
-    for method, chain in cfg.methods.items():
-        if not chain:
-            problems.append(f"methods.{method}: must list at least one stage")
-        for i, stage in enumerate(chain):
-            if stage not in cfg.stages:
-                problems.append(f"methods.{method}[{i}]: unknown stage {stage!r}; defined: {sorted(cfg.stages)}")
-        kinds = [cfg.stages.get(s, {}).get("kind") for s in chain]
-        if kinds and kinds[-1] not in ("seg_finetune", "cls_finetune"):
-            problems.append(f"methods.{method}: must end with a fine-tuning stage, ends with {kinds[-1]!r}")
-    for name, data in cfg.stages.items():
         for key in ("seed", "label_fraction", "init_from"):
             if key in data:
                 problems.append(f"stages.{name}.{key}: set by the pipeline (seeds, label_fractions, methods); "
                                 "remove it here")
+    for method, chain in methods.items():
+        if not isinstance(chain, list):
+            continue
+        if not chain:
+            problems.append(f"methods.{method}: must list at least one stage")
+        for i, stage in enumerate(chain):
+            if stage not in stages:
+                problems.append(f"methods.{method}[{i}]: unknown stage {stage!r}; defined: {sorted(stages)}")
+        known = [stage for stage in chain if isinstance(stages.get(stage), dict)]
+        models = {stage: stages[stage].get("model") for stage in known}
+        if len({repr(m) for m in models.values()}) > 1:
+            problems.append(f"methods.{method}: stages {list(models)} must share one model shape to hand over "
+                            f"weights; got {models}")
+        kinds = [stages[stage].get("kind") for stage in known]
+        if kinds and kinds[-1] not in ("seg_finetune", "cls_finetune"):
+            problems.append(f"methods.{method}: must end with a fine-tuning stage, ends with {kinds[-1]!r}")
 
 
 def _check_dataset(spec: DatasetSpec, problems: list[str]) -> None:
@@ -138,13 +149,18 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, smoke: b
         data = apply_overrides(data, [str(o) for o in smoke_overrides])
     if overrides:
         data = apply_overrides(data, overrides)
-    cfg = build(PipelineConfig, data, source=str(path))
     problems: list[str] = []
-    _check_stages(cfg, problems)
-    if cfg.dataset.source == "existing" and not (cfg.dataset.path / "manifest.json").is_file():
-        problems.append(f"dataset.path: no dataset at {cfg.dataset.path} (manifest.json missing); "
-                        "ingest one first or set dataset.source")
-    _check_dataset(cfg.dataset, problems)
+    try:
+        cfg = build(PipelineConfig, data, source=str(path))
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        cfg = None
+    _check_stages(data.get("stages"), data.get("methods"), problems)
+    if cfg is not None:
+        if cfg.dataset.source == "existing" and not (cfg.dataset.path / "manifest.json").is_file():
+            problems.append(f"dataset.path: no dataset at {cfg.dataset.path} (manifest.json missing); "
+                            "ingest one first or set dataset.source")
+        _check_dataset(cfg.dataset, problems)
     if problems:
         raise ConfigError(problems, source=str(path))
     return cfg
