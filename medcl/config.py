@@ -86,6 +86,7 @@ class _StageBase:
     weight_decay: float = 0.0
     warmup_epochs: int = 0
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always checkpoints
+    min_steps_per_epoch: int = 0  # cycle small (labelled) data until an epoch has this many steps; 0: one pass
     seed: int = 0
     init_from: Path | None = None  # checkpoint dir or model.pt of an earlier stage (heads dropped)
 
@@ -97,6 +98,7 @@ class _StageBase:
         _check(0 <= self.warmup_epochs < self.max_epochs or self.warmup_epochs == 0,
                f"warmup_epochs must be in [0, max_epochs), got {self.warmup_epochs}")
         _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check(self.min_steps_per_epoch >= 0, f"min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
 
 
 def _check_fraction(value: float) -> None:

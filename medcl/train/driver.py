@@ -8,6 +8,7 @@ calling process of a Ray Tune trial (one CPU worker, no worker-group start-up).
 from __future__ import annotations
 
 import logging
+import os
 import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ def stage_inputs(cfg: StageConfig, dataset_dir: str | Path, streams: dict[str, A
         num_classes = max(2, len(manifest.label_map or {}))
         multilabel = False
     rows = streams["train"].count()
-    steps = steps_per_epoch(rows, cfg.batch_size_per_worker, world_size)
+    steps = steps_per_epoch(rows, cfg.batch_size_per_worker, world_size, cfg.min_steps_per_epoch)
     return StageInputs(dataset_dir=str(dataset_dir), in_channels=in_channels, num_classes=num_classes,
                        multilabel=multilabel, steps_per_epoch=steps, amp=amp, tracking=tracking)
 
@@ -113,6 +114,8 @@ def run_stage(cfg: StageConfig, dataset_dir: str | Path, *, scaling: ScalingSpec
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            # medcl's own settings (MEDCL_*) reach the workers as Ray's RAY_TRAIN_* ones do.
+            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("MEDCL_")}},
         ),
         datasets=streams,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

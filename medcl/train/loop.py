@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -68,6 +69,7 @@ def _train_epoch(ctx: StageContext, model: torch.nn.Module, batches: Iterable[An
     seconds = time.perf_counter() - start
     metrics = {f"train/{k}": mean_across_ranks(v, steps, ctx) for k, v in sums.items()}
     metrics["train/steps"] = float(steps)
+    metrics["train/epoch_time_s"] = seconds
     metrics["train/images_per_s"] = mean_across_ranks(images / max(seconds, 1e-9), 1, ctx) * ctx.world_size
     metrics["train/lr"] = float(optimizer.param_groups[0]["lr"])
     if steps == 0:
@@ -117,6 +119,7 @@ def fit(
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.max_epochs):
         metrics = _train_epoch(ctx, model, batches(epoch), loss_fn, optimizer, scheduler, amp)
+        _fail_once_for_tests(ctx, epoch)
         metrics["epoch"] = float(epoch)
         metrics["max_epochs"] = float(cfg.max_epochs)
         last = epoch == cfg.max_epochs - 1
@@ -136,9 +139,30 @@ def fit(
     return metrics
 
 
-def steps_per_epoch(num_rows: int, batch_size_per_worker: int, world_size: int) -> int:
-    """Full batches each worker sees per epoch (incomplete batches are dropped)."""
-    return max(1, math.floor(num_rows / world_size) // batch_size_per_worker)
+#: Fault injection for the failure-and-resume tests (no effect unless both are set): with
+#: ``MEDCL_FAIL_ONCE_AT_EPOCH=<epoch>`` and ``MEDCL_FAIL_ONCE_MARKER=<file path>`` in the workers' environment
+#: (``run_stage`` passes ``MEDCL_*`` variables on to its workers), the worker of rank 1 (rank 0 when alone)
+#: raises ``RuntimeError`` after training that epoch, before reporting it: once, since it first creates the
+#: marker file (exclusively), and a restarted worker finds it there.
+FAIL_ONCE_AT_EPOCH_ENV = "MEDCL_FAIL_ONCE_AT_EPOCH"
+FAIL_ONCE_MARKER_ENV = "MEDCL_FAIL_ONCE_MARKER"
+
+
+def _fail_once_for_tests(ctx: StageContext, epoch: int) -> None:
+    at, marker = os.environ.get(FAIL_ONCE_AT_EPOCH_ENV), os.environ.get(FAIL_ONCE_MARKER_ENV)
+    if not at or not marker or int(at) != epoch or ctx.world_rank != min(1, ctx.world_size - 1):
+        return
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    raise RuntimeError(f"injected failure ({FAIL_ONCE_AT_EPOCH_ENV}={at}) on rank {ctx.world_rank} at epoch {epoch}")
+
+
+def steps_per_epoch(num_rows: int, batch_size_per_worker: int, world_size: int, min_steps: int = 0) -> int:
+    """Optimiser steps each worker takes per epoch: whole passes of full batches, at least ``min_steps``."""
+    per_pass = max(1, math.floor(num_rows / world_size) // batch_size_per_worker)
+    return per_pass * max(1, math.ceil(min_steps / per_pass))
 
 
 @dataclass(frozen=True)
@@ -168,11 +192,28 @@ def epoch_batches(ctx: StageContext, cfg: Any, epoch: int, name: str = "train", 
                   shuffle_buffer: int = 256):
     """This worker's batches of dataset ``name`` for one epoch, as tensors on ``ctx.device``.
 
-    Rows are shuffled locally with a seed that changes every epoch; incomplete
+    Rows are shuffled locally with a seed that changes every pass; incomplete
     batches are dropped so that every DDP rank takes the same number of steps.
+    With ``cfg.min_steps_per_epoch`` the epoch makes whole passes over the data
+    until it has taken at least that many steps (a small labelled subset is
+    cycled instead of giving a handful of steps).
     """
     from medcl.data.ray_datasets import torch_batches
 
-    return torch_batches(ctx.dataset(name), cfg.batch_size_per_worker, collate_fn=collate_fn, device=ctx.device,
-                         drop_last=True, local_shuffle_buffer_size=shuffle_buffer,
-                         local_shuffle_seed=(cfg.seed * 100_003 + epoch) * 101 + ctx.world_rank)
+    def one_pass(repeat: int):
+        seed = ((cfg.seed * 100_003 + epoch) * 101 + ctx.world_rank) * 1009 + repeat
+        return torch_batches(ctx.dataset(name), cfg.batch_size_per_worker, collate_fn=collate_fn, device=ctx.device,
+                             drop_last=True, local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed)
+
+    def passes():
+        steps = repeat = 0
+        while True:
+            before = steps
+            for batch in one_pass(repeat):
+                steps += 1
+                yield batch
+            repeat += 1
+            if steps >= cfg.min_steps_per_epoch or steps == before:
+                return
+
+    return passes()
