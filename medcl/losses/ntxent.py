@@ -10,7 +10,10 @@ Both losses L2-normalise the embeddings, compute in float32 with autocast off
 (stable in bf16/fp16 at tau = 0.05), exclude self-similarity from the
 denominator by masking (never by subtracting an exponential) and use the
 chunked log-sum-exp of :mod:`medcl.losses._lse`, which never exponentiates a
-raw logit and needs O(rows * keys) memory per chunk.
+raw logit. Up to ``_lse.CACHE_BYTES`` (256 MiB, i.e. 2B = 8192 embeddings in
+float32) the exponentiated similarities are kept for backward, which makes it
+faster than the plain full-matrix cross-entropy form; beyond that memory is
+O(rows * keys) per chunk.
 
 Distributed (``gather_distributed=True`` under an initialised process group):
 the embeddings of all ranks are gathered with a gather that passes gradients
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medcl.losses import _lse
 from medcl.losses._distributed import (
     all_reduce_sum,
     check_distributed_available,
@@ -85,7 +89,8 @@ def nt_xent(
         chunk_size: Anchor rows per chunk; None for chunks of about 8 MiB of similarities (128 MiB on GPU).
 
     Returns:
-        Scalar float32 loss (per-rank convention under DDP: see module doc).
+        Scalar float32 loss (float64 for float64 input; per-rank convention
+        under DDP: see module doc).
 
     Raises:
         TypeError: for non-tensor or non-float inputs.
@@ -107,7 +112,8 @@ def nt_xent(
         pos = (z[:b] * z[b:]).sum(1)  # (B,): s(z_i, z_p(i)), same for both views
         keys, offset, _ = _keys(z, gather_distributed)
         self_idx = torch.arange(offset, offset + 2 * b, device=z.device)
-        lse = segment_logsumexp(z, keys, self_idx, 1.0 / temperature, chunk_size=chunk_size)
+        lse = segment_logsumexp(z, keys, self_idx, 1.0 / temperature, chunk_size=chunk_size,
+                                cache_bytes=_lse.CACHE_BYTES)
         local_sum = lse.sum() - 2.0 * pos.sum() / temperature
         scale = world_size() if gather_distributed else 1
         return local_sum * scale / _global_count(2 * b, z.device, gather_distributed)
@@ -139,8 +145,8 @@ def multi_positive_nt_xent(
         chunk_size: Anchor rows per chunk; None for chunks of about 8 MiB of similarities (128 MiB on GPU).
 
     Returns:
-        Scalar float32 loss; 0 with a zero gradient path to ``z`` when no
-        embedding (on any rank) has a positive.
+        Scalar float32 loss (float64 for float64 input); 0 with a zero gradient
+        path to ``z`` when no embedding (on any rank) has a positive.
 
     Raises:
         TypeError: for non-tensor, non-float ``z`` or non-integer ``group_ids``.
@@ -161,7 +167,8 @@ def multi_positive_nt_xent(
     with float32_math(z.device):
         zn = F.normalize(upcast(z), dim=1)
         keys, offset, sizes = _keys(zn, gather_distributed)
-        ids = gather_no_grad(group_ids.long().to(z.device), sizes) if sizes is not None else group_ids.long()
+        ids = group_ids.long().to(z.device)
+        ids = gather_no_grad(ids, sizes) if sizes is not None else ids
         _, group = torch.unique(ids, return_inverse=True)
         count = torch.bincount(group)
         local_group = group[offset : offset + n]
@@ -172,7 +179,8 @@ def multi_positive_nt_xent(
         fa, ga = zn[anchors], local_group[anchors]
         group_sum = keys.new_zeros(int(count.numel()), keys.shape[1]).index_add(0, group, keys)
         pos = (fa * (group_sum[ga] - fa)).sum(1) / (count[ga] - 1)  # mean s(z_i, z_p) over P(i)
-        lse = segment_logsumexp(fa, keys, anchors + offset, 1.0 / temperature, chunk_size=chunk_size)
+        lse = segment_logsumexp(fa, keys, anchors + offset, 1.0 / temperature, chunk_size=chunk_size,
+                                cache_bytes=_lse.CACHE_BYTES)
         local_sum = (lse - pos / temperature).sum()
         scale = world_size() if gather_distributed else 1
         return local_sum * scale / n_anchors

@@ -8,11 +8,12 @@ from medcl.losses import _lse
 
 @pytest.fixture(params=["cached", "recomputed"])
 def lse_backward(request, monkeypatch):
-    """Run a test with both backward strategies of the chunked log-sum-exp.
+    """Run an NT-Xent test with both backward strategies of the chunked log-sum-exp.
 
-    "cached" keeps the exponentiated chunks from forward (small problems, the
-    default for test sizes); "recomputed" forces the O(N * chunk) memory path
-    used for large N by setting the cache budget to 0.
+    "cached" keeps the exponentiated chunks from forward (what NT-Xent does up to
+    ``_lse.CACHE_BYTES``, so at every test size); "recomputed" forces the
+    O(N * chunk) memory path used for large batches by setting the budget to 0.
+    The local losses never cache, so their tests always cover the recomputed path.
     """
     if request.param == "recomputed":
         monkeypatch.setattr(_lse, "CACHE_BYTES", 0)

@@ -87,7 +87,7 @@ class TestSupervisedExact:
     @pytest.mark.parametrize("tau", [0.05, 0.1, 0.01])
     @pytest.mark.parametrize("chunk_size", [None, 1, 7])
     @pytest.mark.parametrize("per_view", [False, True])
-    def test_value_and_grad_vs_reference(self, tau, chunk_size, per_view, lse_backward):
+    def test_value_and_grad_vs_reference(self, tau, chunk_size, per_view):
         f, y = _inputs(per_view=per_view, seed=int(tau * 100))
         loss = supervised_local_contrastive(f, y, temperature=tau, mode="exact", chunk_size=chunk_size)
         _check(loss, ref_supervised(f, y, tau), f)
@@ -143,7 +143,7 @@ class TestSupervisedExact:
         y2[y == 2] = 57  # renaming a foreground class changes nothing
         torch.testing.assert_close(supervised_local_contrastive(f, y2, 0.1), supervised_local_contrastive(f, y, 0.1))
 
-    def test_many_chunks_float32(self, lse_backward):
+    def test_many_chunks_float32(self):
         f, y = _inputs(b=2, c=8, h=6, w=6, classes=3, seed=9, dtype=torch.float32)
         loss = supervised_local_contrastive(f, y, 0.1, chunk_size=40)
         _check(loss, ref_supervised(f, y, 0.1).float(), f, rtol=1e-5, atol=1e-6, grad_rtol=1e-4, grad_atol=1e-7)
@@ -155,7 +155,7 @@ class TestSupervisedExact:
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
     @pytest.mark.parametrize("mode", ["exact", "block"])
-    def test_low_precision_stable_at_tau_005(self, dtype, mode, lse_backward):
+    def test_low_precision_stable_at_tau_005(self, dtype, mode):
         f, y = _inputs(b=2, c=128, h=8, w=8, seed=11, dtype=torch.float32)
         fl = (f.detach() * 20).to(dtype).requires_grad_()
         loss = supervised_local_contrastive(fl, y, 0.05, mode=mode, block_size=4)
@@ -185,7 +185,7 @@ class TestStrideAndBlock:
                                    supervised_local_contrastive(f, y, 0.1, mode="exact"))
 
     @pytest.mark.parametrize("chunk_size", [None, 3])
-    def test_block_vs_reference_with_border_and_empty_block(self, chunk_size, lse_backward):
+    def test_block_vs_reference_with_border_and_empty_block(self, chunk_size):
         f, y = _inputs(h=5, w=7, seed=15, per_view=True)
         y[:, :, :2, :2] = 0  # block (0, 0): background only -> skipped
         loss = supervised_local_contrastive(f, y, 0.1, mode="block", block_size=2, chunk_size=chunk_size)
@@ -212,7 +212,7 @@ class TestStrideAndBlock:
 class TestDense:
     @pytest.mark.parametrize("tau", [0.1, 0.05, 0.01])
     @pytest.mark.parametrize("chunk_size", [None, 5])
-    def test_value_and_grad_vs_reference(self, tau, chunk_size, lse_backward):
+    def test_value_and_grad_vs_reference(self, tau, chunk_size):
         f, _ = _inputs(b=2, c=3, h=3, w=2, seed=20)
         _check(dense_local_contrastive(f, tau, chunk_size=chunk_size), ref_dense(f, tau), f)
 
