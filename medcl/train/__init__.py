@@ -1,13 +1,15 @@
 """Training infrastructure shared by every stage: metrics, checkpoints, LR schedule, runtime helpers.
 
-Nothing here imports Ray at import time; the stage modules, the driver and the
-loop (which do) are imported by name.
+Nothing here imports Ray at import time; the Ray Train V2 glue
+(:func:`report_epoch`, :func:`restore_from_ray`) imports it when called.
 """
 from __future__ import annotations
 
 from medcl.train.checkpoints import (
     load_checkpoint,
     load_model_weights,
+    report_epoch,
+    restore_from_ray,
     save_checkpoint,
 )
 from medcl.train.metrics import (
@@ -41,6 +43,8 @@ __all__ = [
     "pooled_dice_2d",
     "prepare_model_for_device",
     "rank",
+    "report_epoch",
+    "restore_from_ray",
     "save_checkpoint",
     "seed_everything",
     "unwrap",
