@@ -539,11 +539,13 @@ _STREAM_FUNCTIONS = ("train_images", "labelled_slices", "labelled_images", "part
 
 
 def build_streams(specs: Mapping[str, StreamSpec], cache: dict[StreamSpec, Any] | None = None,
-                  max_parallel: int = 4) -> dict[str, Any]:
+                  max_parallel: int = 2) -> dict[str, Any]:
     """Materialised datasets for ``specs`` (name -> spec), each distinct spec built once.
 
     Builds run in threads so that their Ray Data executions overlap (each has a
-    fixed cost of seconds on a small machine). ``cache`` is filled in place.
+    fixed cost of seconds on a small machine); at most ``max_parallel`` at once,
+    because concurrent executions share the cluster's CPUs and with too many
+    Ray Data reports that no operator can get a CPU. ``cache`` is filled in place.
     """
     from concurrent.futures import ThreadPoolExecutor
 
