@@ -14,7 +14,7 @@ $(BIN)/medcl: pyproject.toml
 venv: $(BIN)/medcl
 
 quickstart: venv
-	$(BIN)/medcl quickstart
+	$(BIN)/medcl run pipelines/quickstart.yaml
 
 test: venv
 	$(BIN)/python -m pytest -q
