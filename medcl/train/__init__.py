@@ -1,15 +1,13 @@
 """Training infrastructure shared by every stage: metrics, checkpoints, LR schedule, runtime helpers.
 
-Nothing here imports Ray at import time; the Ray Train V2 glue
-(:func:`report_epoch`, :func:`restore_from_ray`) imports it when called.
+Nothing here imports Ray at import time; the stage modules, the driver and the
+loop (which do) are imported by name.
 """
 from __future__ import annotations
 
 from medcl.train.checkpoints import (
     load_checkpoint,
     load_model_weights,
-    report_epoch,
-    restore_from_ray,
     save_checkpoint,
 )
 from medcl.train.metrics import (
@@ -43,8 +41,6 @@ __all__ = [
     "pooled_dice_2d",
     "prepare_model_for_device",
     "rank",
-    "report_epoch",
-    "restore_from_ray",
     "save_checkpoint",
     "seed_everything",
     "unwrap",

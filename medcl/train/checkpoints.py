@@ -1,4 +1,4 @@
-"""Checkpoint directories: save, safe load, stage hand-over, and the Ray Train V2 glue.
+"""Checkpoint directories: save, safe load, stage hand-over.
 
 A checkpoint is a directory::
 
@@ -14,8 +14,9 @@ into place with ``os.replace``; ``meta.json`` comes last, so a directory with a
 tensors and plain containers load, any other pickled object is refused, so a
 checkpoint from an untrusted source cannot run code.
 
-The Ray functions (:func:`report_epoch`, :func:`restore_from_ray`) import Ray
-lazily, so the rest of this module works without Ray installed.
+Reporting checkpoints to Ray and resuming from them is the stage loop's job
+(:func:`medcl.train.loop.fit` through :mod:`medcl.train.context`); this module
+does not import Ray.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -40,8 +40,6 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_model_weights",
-    "report_epoch",
-    "restore_from_ray",
     "MODEL_FILE",
     "META_FILE",
 ]
@@ -263,107 +261,3 @@ def load_model_weights(path_or_dir: str | os.PathLike, map_location: Any = "cpu"
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         raise ValueError(f"{path} does not hold a model state_dict (a mapping of parameter names to tensors)")
     return dict(state)
-
-
-def report_epoch(
-    metrics: Mapping[str, Any],
-    *,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any,
-    epoch: int,
-    step: int,
-    config: Mapping[str, Any],
-    checkpoint_every: int,
-    max_epochs: int | None = None,
-    scaler: Any = None,
-) -> bool:
-    """Report one epoch to Ray Train V2, with a checkpoint from rank 0 at the interval.
-
-    Call it on **every** rank once per epoch: ``ray.train.report`` is a barrier.
-    On rank 0, when ``(epoch + 1) % checkpoint_every == 0`` or ``epoch`` is the
-    last (``max_epochs - 1``), a checkpoint is written to a temporary directory
-    and reported as ``checkpoint_dir_name=f"epoch_{epoch:06d}"``; Ray copies it
-    into run storage and the temporary directory is deleted. Other ranks report
-    ``checkpoint=None``. (In ``num_workers=0`` local mode Ray keeps the local
-    directory as the result's checkpoint, so it is not deleted there; a rank 0
-    killed while reporting also leaves its temporary directory behind.)
-
-    Args:
-        metrics: Scalars for this epoch (tensors and numpy scalars converted with ``float``).
-        model, optimizer, scheduler, epoch, step, config, scaler: As for :func:`save_checkpoint`.
-        checkpoint_every: Checkpoint every this many epochs (>= 1), or 0 for only the last epoch.
-        max_epochs: Total epochs of the run, so that the last epoch is always
-            checkpointed; None to not force it (then ``checkpoint_every`` must be >= 1).
-
-    Returns:
-        Whether this call reported a checkpoint (True on rank 0 only).
-
-    Raises:
-        ValueError: If ``checkpoint_every`` is negative (or 0 without ``max_epochs``),
-            ``epoch`` is outside ``[0, max_epochs)``, or a metric is not a scalar.
-    """
-    import ray.train
-
-    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
-        raise ValueError(f"checkpoint_every must be an int >= 0 (0 = last epoch only), got {checkpoint_every!r}")
-    if max_epochs is not None and not 0 <= epoch < max_epochs:
-        raise ValueError(f"epoch must lie in [0, max_epochs={max_epochs}), got {epoch}")
-    if checkpoint_every == 0 and max_epochs is None:
-        raise ValueError(
-            "checkpoint_every=0 (last epoch only) needs max_epochs; without it no checkpoint is ever saved"
-        )
-    scalars: dict[str, float] = {}
-    for key, value in metrics.items():
-        try:
-            scalars[key] = float(value)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"metric {key!r} must be a scalar, got {type(value).__name__}") from exc
-    is_last = max_epochs is not None and epoch == max_epochs - 1
-    due = is_last or (checkpoint_every > 0 and (epoch + 1) % checkpoint_every == 0)
-    if not (due and ray.train.get_context().get_world_rank() == 0):
-        ray.train.report(scalars, checkpoint=None)
-        return False
-    tmp = tempfile.mkdtemp(prefix="medcl-ckpt-")
-    try:
-        save_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch, step=step,
-                        config=config, metrics=scalars, scaler=scaler)
-        ray.train.report(
-            scalars,
-            checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"epoch_{epoch:06d}",
-            # Distributed runs copy into storage, then delete tmp; local mode ignores the flag.
-            delete_local_checkpoint_after_upload=True,
-        )
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return True
-
-
-def restore_from_ray(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Any,
-    scaler: Any = None,
-) -> int:
-    """Load the run's latest checkpoint (``ray.train.get_checkpoint()``) on this rank, if any.
-
-    Call it on every rank at the top of the training function, after building
-    the model, optimizer and scheduler. It covers both a restart after a worker
-    failure (``FailureConfig(max_failures=...)``) and a new ``fit()`` with the
-    same ``RunConfig(name, storage_path)``.
-
-    Returns:
-        The epoch to start from: ``meta["epoch"] + 1``, or 0 without a checkpoint.
-    """
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as path:
-        meta = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-    start = int(meta["epoch"]) + 1
-    logger.info("resumed from checkpoint %s (epoch %d); starting at epoch %d", checkpoint.path, meta["epoch"], start)
-    return start
