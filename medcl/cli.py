@@ -34,13 +34,14 @@ EXAMPLES = {
   medcl run pipelines/hippocampus.yaml --smoke
   medcl run pipelines/hippocampus.yaml --num-workers 4 --use-gpu --set tracking.tracking_uri=http://mlflow:5000""",
     "sweep": """examples:
-  medcl sweep tune_spaces/local_temperature.yaml
-  medcl sweep tune_spaces/local_temperature.yaml --resume""",
+  medcl sweep tune_spaces/quickstart_temperature.yaml
+  medcl sweep tune_spaces/quickstart_temperature.yaml --resume
+  medcl sweep tune_spaces/global_asha.yaml --set num_samples=4 name=global-asha-4""",
     "report": """examples:
   medcl report --experiment medcl-quickstart --pipeline quickstart --metric test/dice_2d --out report/""",
     "validate": """examples:
   medcl validate pipelines/hippocampus.yaml
-  medcl validate tune_spaces/local_temperature.yaml""",
+  medcl validate tune_spaces/local_block.yaml""",
 }
 
 
@@ -205,7 +206,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(sweep, resume=args.resume, callbacks=[ProgressCallback(quiet=args.quiet)],
                        num_workers=args.num_workers, use_gpu=args.use_gpu)
     print(result.summary())
-    return 0
+    return 1 if result.unfinished else 0
 
 
 # ----------------------------------------------------------------------------- report
@@ -299,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medcl {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"medcl {args.verb}: interrupted; run the same command again to resume", file=sys.stderr)
+        again = "the same command with --resume" if args.verb == "sweep" else "the same command again"
+        print(f"medcl {args.verb}: interrupted; run {again} to resume", file=sys.stderr)
         return 130
 
 
