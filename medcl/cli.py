@@ -152,18 +152,21 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("pipeline", help="pipelines/*.yaml")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override pipeline keys")
     parser.add_argument("--smoke", action="store_true", help="apply the file's `smoke:` overrides (short CPU run)")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="run only these methods of the file (default: all)")
     _add_scaling(parser)
     parser.set_defaults(func=_cmd_run)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from medcl.pipeline import plan_jobs, run_pipeline
+    from medcl.pipeline import check_resumable, plan_jobs, run_pipeline
     from medcl.pipeline_config import load_pipeline, with_scaling
     from medcl.progress import ProgressCallback
     from medcl.ray_session import init_ray
 
-    cfg = load_pipeline(args.pipeline, overrides=args.set, smoke=args.smoke)
+    cfg = load_pipeline(args.pipeline, overrides=args.set, smoke=args.smoke, methods=args.methods)
     cfg = with_scaling(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu)
+    check_resumable(cfg)
     init_ray(args.address, verbose=args.verbose)
     progress = ProgressCallback(quiet=args.quiet, total=len(plan_jobs(cfg)))
     result = run_pipeline(cfg, config_text=Path(args.pipeline).read_text(), callbacks=[progress])

@@ -24,7 +24,9 @@ from medcl.pipeline_config import PipelineConfig, resolve_storage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Job", "plan_jobs", "run_pipeline", "PipelineResult"]
+__all__ = ["Job", "plan_jobs", "check_resumable", "run_pipeline", "PipelineResult"]
+
+_PLAN_FILE = "plan.json"
 
 
 @dataclass(frozen=True)
@@ -213,6 +215,49 @@ def _run_wave(cfg: PipelineConfig, depth: int, wave: list[Job], jobs: dict[str, 
     return out
 
 
+def _plan_record(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, Any]:
+    """What a run of ``cfg`` under its name is: the dataset and every job's resolved config."""
+    import json
+
+    configs = {job.key: json.loads(json.dumps(to_dict(job.config), default=str)) for job in jobs}
+    return {"dataset": str(Path(cfg.dataset.path).resolve()), "jobs": configs}
+
+
+def check_resumable(cfg: PipelineConfig) -> None:
+    """Refuse to resume a pipeline run that was started with other jobs or configs.
+
+    The waves of a run are restored by name, so running a changed pipeline (other
+    methods, fractions, seeds or stage settings) under the same name would mix
+    results of two configurations. The plan of the first run is kept in
+    ``<storage_path>/<name>/plan.json``.
+
+    Raises:
+        ValueError: the stored plan differs; the message names what changed.
+    """
+    from medcl.storage_json import read_json
+
+    root = f"{resolve_storage(cfg.storage_path)}/{cfg.name}"
+    old = read_json(root, _PLAN_FILE)
+    if old is None:
+        return
+    new = _plan_record(cfg, plan_jobs(cfg))
+    changes = []
+    if old.get("dataset") != new["dataset"]:
+        changes.append(f"dataset {old.get('dataset')} -> {new['dataset']}")
+    old_jobs, new_jobs = old.get("jobs", {}), new["jobs"]
+    added = sorted(set(new_jobs) - set(old_jobs))
+    removed = sorted(set(old_jobs) - set(new_jobs))
+    changed = sorted(k for k in set(new_jobs) & set(old_jobs) if new_jobs[k] != old_jobs[k])
+    for what, keys in (("new jobs", added), ("jobs no longer planned", removed), ("jobs with other settings", changed)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            changes.append(f"{what}: {', '.join(keys[:3])}{more}")
+    if changes:
+        raise ValueError(f"pipeline {cfg.name!r} was started at {root} with another plan ({'; '.join(changes)}); "
+                         f"run the changed pipeline under a new name (--set name={cfg.name}-2), or delete {root} "
+                         "to start over")
+
+
 def _build_all_streams(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, dict[str, Any]]:
     """Every job's datasets; each distinct stream is read and decoded once, all builds in parallel."""
     from medcl.data.ray_datasets import build_streams
@@ -246,6 +291,11 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
     """
     from medcl import tracking as mlt
 
+    from medcl.storage_json import read_json, write_json
+
+    check_resumable(cfg)
+    run_root = f"{resolve_storage(cfg.storage_path)}/{cfg.name}"
+    resuming = read_json(run_root, _PLAN_FILE) is not None
     dataset_dir = prepare_dataset(cfg)
     cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=Path(dataset_dir).resolve()))
     target = mlt.configure_tracking(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
@@ -253,13 +303,15 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
     parent = mlt.parent_run_id(target, cfg.name, params={"pipeline": cfg.name, "metric": cfg.metric,
                                                           "label_fractions": cfg.label_fractions,
                                                           "seeds": cfg.seeds, "methods": list(cfg.methods)},
-                               tags={"medcl.role": "pipeline", "medcl.dataset": str(cfg.dataset.path)})
+                               tags={"medcl.role": "pipeline", "medcl.dataset": str(cfg.dataset.path)},
+                               reopen_finished=resuming)
     if config_text is not None:
         mlt.log_text(target, parent, config_text, "pipeline.yaml")
     tracking = {"target": {"tracking_uri": target.tracking_uri, "experiment": cfg.tracking.experiment,
                            "workdir": str(Path(cfg.tracking.workdir).resolve())},
                 "parent_run_id": parent}
     jobs = plan_jobs(cfg)
+    write_json(run_root, _PLAN_FILE, _plan_record(cfg, jobs))
     by_key = {job.key: job for job in jobs}
     checkpoints: dict[str, str | None] = {}
     metrics: dict[str, dict[str, float]] = {}

@@ -129,10 +129,12 @@ def _check_dataset(spec: DatasetSpec, problems: list[str]) -> None:
         problems.append(f"dataset.source_path: {spec.source_path} does not exist")
 
 
-def load_pipeline(path: str | Path, overrides: list[str] | None = None, smoke: bool = False) -> PipelineConfig:
+def load_pipeline(path: str | Path, overrides: list[str] | None = None, smoke: bool = False,
+                  methods: list[str] | None = None) -> PipelineConfig:
     """Read and fully validate a pipeline file; ``overrides`` are ``key.path=value`` strings.
 
     ``smoke`` first applies the file's own ``smoke:`` overrides (a short CPU run).
+    ``methods`` keeps only these methods of the file (``medcl run --methods``).
 
     Relative paths in the file (dataset path, ingest source paths, storage,
     MLflow workdir) are taken relative to the current directory.
@@ -150,6 +152,13 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, smoke: b
     if overrides:
         data = apply_overrides(data, overrides)
     problems: list[str] = []
+    if methods:
+        known = data.get("methods") if isinstance(data.get("methods"), dict) else {}
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise ConfigError([f"--methods: unknown method(s) {', '.join(map(repr, unknown))}; "
+                               f"the file has {', '.join(known) or 'none'}"], source=str(path))
+        data = {**data, "methods": {m: known[m] for m in methods}}
     try:
         cfg = build(PipelineConfig, data, source=str(path))
     except ConfigError as exc:

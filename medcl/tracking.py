@@ -336,16 +336,20 @@ def parent_run_id(
     name: str,
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, Any] | None = None,
+    *,
+    reopen_finished: bool = False,
 ) -> str:
     """The parent run ``name`` to log to: an unfinished one is resumed, else a new one.
 
     Re-running an interrupted pipeline thus keeps one parent (and, through
-    :func:`child_run_id`, one child per job).
+    :func:`child_run_id`, one child per job). ``reopen_finished`` also reopens
+    the latest finished run of that name (re-running a pipeline whose results
+    are all in storage reports on its own runs instead of starting an empty one).
 
     Raises:
         TrackingError: A resumed parent was started with different parameters.
     """
-    run_id = find_parent_run(target, name, unfinished_only=True)
+    run_id = find_parent_run(target, name, unfinished_only=not reopen_finished)
     if run_id is None:
         return start_parent_run(target, name, tags=tags, params=params)
     logger.info("resuming parent run %s (%s)", name, run_id)

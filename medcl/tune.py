@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from medcl.pipeline_config import resolve_storage, with_scaling
+from medcl.storage_json import read_json, write_json
 from medcl.sweep_config import Distribution, SweepConfig, load_sweep
 
 logger = logging.getLogger(__name__)
@@ -217,34 +218,11 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _read_sidecar(root: str) -> dict[str, Any] | None:
-    if "://" not in root:
-        path = Path(root) / _SIDECAR
-        return json.loads(path.read_text()) if path.is_file() else None
-    import pyarrow.fs
-
-    fs, base = pyarrow.fs.FileSystem.from_uri(root)
-    try:
-        with fs.open_input_file(f"{base}/{_SIDECAR}") as fh:
-            return json.loads(fh.readall().decode())
-    except (FileNotFoundError, OSError):
-        return None
+    return read_json(root, _SIDECAR)
 
 
 def _write_sidecar(root: str, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True)
-    if "://" not in root:
-        path = Path(root) / _SIDECAR
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
-        return
-    import pyarrow.fs
-
-    fs, base = pyarrow.fs.FileSystem.from_uri(root)
-    fs.create_dir(base, recursive=True)
-    with fs.open_output_stream(f"{base}/{_SIDECAR}") as fh:
-        fh.write(text.encode())
+    write_json(root, _SIDECAR, data)
 
 
 def _forget_pending_decisions(experiment: str) -> None:

@@ -1,0 +1,136 @@
+"""`medcl run` end to end: a tiny pipeline on real Ray and real MLflow, its resume, and the guards around it.
+
+The cohort is 12 synthetic patients of 4 slices at 16 px; stages run one epoch.
+Expectations are the job names and run counts the plan implies, written out by hand.
+"""
+from __future__ import annotations
+
+import csv
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from medcl.config_loader import ConfigError
+from medcl.pipeline_config import load_pipeline
+
+PIPELINE = """\
+name: tiny-run
+dataset: {{path: {root}/data, source: synthetic, options: {{num_patients: 12, images_per_patient: 4, size: 16, seed: 0}}}}
+metric: test/dice_2d
+label_fractions: [0.5, 1.0]
+seeds: [0]
+stages:
+  global:
+    kind: global_pretrain
+    temperature: 0.5
+    max_epochs: 1
+    batch_size_per_worker: 8
+    model: &unet {{features: [8, 16, 32], norm: instance}}
+  local:
+    kind: local_pretrain
+    loss: supervised
+    mode: stride
+    stride: 2
+    max_epochs: 1
+    batch_size_per_worker: 4
+    model: *unet
+  finetune:
+    kind: seg_finetune
+    max_epochs: 1
+    batch_size_per_worker: 4
+    augment: false
+    model: *unet
+methods:
+  random: [finetune]
+  global: [global, finetune]
+  global+local: [global, local, finetune]
+scaling: {{num_workers: 1, cpus_per_worker: 1, max_failures: 0}}
+max_concurrent_trials: 2
+tracking: {{experiment: runs, workdir: {root}}}
+storage_path: {root}/runs
+"""
+
+
+def _pipeline_file(root: Path) -> Path:
+    path = root / "tiny.yaml"
+    path.write_text(textwrap.dedent(PIPELINE.format(root=root)))
+    return path
+
+
+# ------------------------------------------------------------------ --methods (no Ray) ----
+def test_methods_option_keeps_only_the_named_methods(tmp_path):
+    cfg = load_pipeline(_pipeline_file(tmp_path), methods=["random", "global"])
+    assert list(cfg.methods) == ["random", "global"]
+
+
+def test_methods_option_names_an_unknown_method(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(_pipeline_file(tmp_path), methods=["random", "simclr"])
+    (problem,) = info.value.problems
+    assert "'simclr'" in problem and "random, global, global+local" in problem
+
+
+def test_cli_run_with_an_unknown_method_exits_2_before_ray_starts(tmp_path, capsys):
+    from medcl.cli import main
+
+    code = main(["run", str(_pipeline_file(tmp_path)), "--methods", "nope", "-q"])
+    assert code == 2
+    assert "'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------ end to end (Ray + MLflow) ----
+@pytest.mark.ray
+def test_pipeline_runs_reports_resumes_and_refuses_a_changed_plan(ray_session, tmp_path):
+    from medcl import tracking as mlt
+    from medcl.pipeline import check_resumable, run_pipeline
+
+    path = _pipeline_file(tmp_path)
+    cfg = load_pipeline(path, methods=["random", "global+local"])
+    first = run_pipeline(cfg, config_text=path.read_text())
+
+    # The plan by hand: random -> finetune per fraction; global+local -> one global, then local
+    # and finetune per fraction (supervised local uses labels).
+    expected = {
+        "finetune@seed=0,fraction=0.5", "finetune@seed=0,fraction=1",
+        "global@seed=0",
+        "global>local@seed=0,fraction=0.5", "global>local@seed=0,fraction=1",
+        "global>local>finetune@seed=0,fraction=0.5", "global>local>finetune@seed=0,fraction=1",
+    }
+    target = mlt.configure_tracking(experiment="runs", workdir=tmp_path)
+    children = mlt.search_runs(target, parent_run_id=first.parent_run_id)
+    assert set(children["run_name"]) == expected
+    assert set(children["status"]) == {"FINISHED"}
+    finals = children[children["tags.medcl.role"] == "final"]
+    assert set(finals["run_name"]) == {"finetune@seed=0,fraction=0.5", "finetune@seed=0,fraction=1",
+                                       "global>local>finetune@seed=0,fraction=0.5",
+                                       "global>local>finetune@seed=0,fraction=1"}
+    assert finals["metrics.test/dice_2d"].between(0.0, 1.0).all()
+
+    # The report: one row per method and fraction, read back from MLflow; files exist.
+    with open(first.csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["method"], float(r["label_fraction"])) for r in rows} == {
+        ("random", 0.5), ("random", 1.0), ("global+local", 0.5), ("global+local", 1.0)}
+    assert Path(first.png_path).stat().st_size > 0
+    assert set(first.checkpoints) == expected
+
+    # Running the same pipeline again resumes: no job runs again, no new MLflow run.
+    second = run_pipeline(cfg, config_text=path.read_text())
+    assert second.parent_run_id == first.parent_run_id
+    again = mlt.search_runs(target, parent_run_id=first.parent_run_id)
+    assert sorted(again["run_id"]) == sorted(children["run_id"])
+    for key in expected:
+        assert second.metrics[key].get("train/loss") == first.metrics[key].get("train/loss")
+
+    # The same name with another plan is refused before anything runs, naming the new jobs.
+    bigger = load_pipeline(path)  # adds the `global` method: its fine-tuning jobs are new
+    with pytest.raises(ValueError) as info:
+        check_resumable(bigger)
+    message = str(info.value)
+    assert "new jobs: global>finetune@seed=0,fraction=0.5, global>finetune@seed=0,fraction=1" in message
+    assert "--set name=tiny-run-2" in message
+    longer = load_pipeline(path, overrides=["stages.finetune.max_epochs=2"], methods=["random", "global+local"])
+    with pytest.raises(ValueError, match="jobs with other settings: finetune@seed=0,fraction=0.5"):
+        check_resumable(longer)
