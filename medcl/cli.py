@@ -233,7 +233,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
     parent = mlt.find_parent_run(target, args.pipeline)
     if parent is None:
         raise UserError(f"no pipeline run named {args.pipeline!r} in MLflow experiment {args.experiment!r}")
-    csv_path, png_path, table = write_report(target, parent, args.metric, args.out)
+    # A pipeline's curve is drawn from its final jobs (the fine-tuning run that ends each method).
+    role = target.client().get_run(parent).data.tags.get("medcl.role")
+    only_final = "tags.`medcl.role` = 'final'" if role == "pipeline" else None
+    csv_path, png_path, table = write_report(target, parent, args.metric, args.out, filter=only_final)
     print(format_table(table))
     print(f"\ncurve: {png_path}\ntable: {csv_path}")
     return 0

@@ -116,6 +116,16 @@ def test_pipeline_runs_reports_resumes_and_refuses_a_changed_plan(ray_session, t
     assert Path(first.png_path).stat().st_size > 0
     assert set(first.checkpoints) == expected
 
+    # `medcl report` reads the same runs back from MLflow and prints the same table.
+    from medcl.cli import main
+
+    out = tmp_path / "report"
+    assert main(["report", "--experiment", "runs", "--pipeline", "tiny-run", "--out", str(out),
+                 "--tracking-uri", target.tracking_uri, "-q"]) == 0
+    with open(out / "label_efficiency_test_dice_2d.csv", newline="") as fh:
+        assert list(csv.DictReader(fh)) == rows
+    assert (out / "label_efficiency_test_dice_2d.png").stat().st_size > 0
+
     # Running the same pipeline again resumes: no job runs again, no new MLflow run.
     second = run_pipeline(cfg, config_text=path.read_text())
     assert second.parent_run_id == first.parent_run_id

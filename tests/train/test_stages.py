@@ -15,9 +15,10 @@ through module fixtures; variants that need no DDP (partition positives, the
 hand-over check, a full classification fine-tune) run the same stage code in
 this process through a small :class:`StageContext`.
 
-The segmentation chain uses ``norm="batch"``: with instance norm the globally
-pooled bottleneck is nearly constant across images and the global contrastive
-loss stays at log(2B-1) for tens of steps (see the report of this test's author).
+The segmentation chain uses ``norm="batch"``: on this tiny cohort, with
+instance norm the globally pooled bottleneck is nearly constant across images
+and the global contrastive loss stays at log(2B-1) for the few steps the test
+can afford (on the quickstart cohort both norms learn; benchmarks/README.md).
 """
 from __future__ import annotations
 
