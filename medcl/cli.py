@@ -138,6 +138,9 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     data = apply_overrides(data, args.set)
     cfg = stage_config_from_dict(data, source=args.config or "--set")
     scaling = ScalingSpec(num_workers=args.num_workers or 1, use_gpu=bool(args.use_gpu))
+    if not (Path(args.data) / "manifest.json").is_file():
+        raise UserError(f"--data: no medcl dataset at {args.data} (manifest.json missing); "
+                        "make one with `medcl ingest`")
     init_ray(args.address, verbose=args.verbose)
     result = run_stage(cfg, args.data, scaling=scaling, storage_path=args.out, name=args.name or args.stage)
     print(json.dumps({"checkpoint": result.checkpoint, "metrics": result.metrics}, indent=2, default=float))

@@ -122,6 +122,8 @@ def test_missing_files_exit_2(tmp_path, capsys):
     code, _, err = _run(["pretrain", "--data", str(tmp_path), "--stage", "global_pretrain",
                          "--config", str(missing), "-q"], capsys)
     _assert_user_error(code, err, "medcl pretrain: error:", f"file not found: {missing}")
+    code, _, err = _run(["pretrain", "--data", str(tmp_path / "no-data"), "--stage", "global_pretrain", "-q"], capsys)
+    _assert_user_error(code, err, "medcl pretrain: error:", f"--data: no medcl dataset at {tmp_path / 'no-data'}")
     code, _, err = _run(["ingest", "medmnist", str(tmp_path / "x.npz"), "--out", str(tmp_path / "o"), "-q"], capsys)
     _assert_user_error(code, err, "medcl ingest: error:", "x.npz: MedMNIST .npz file not found")
     assert not (tmp_path / "o").exists()
