@@ -63,8 +63,11 @@ class ResNetSpec:
 class ScalingSpec:
     """How many Ray Train workers a stage runs on.
 
-    ``num_workers=1`` on CPU runs the loop inside the calling Ray task (no
-    trainer start-up); ``num_workers>1`` or ``use_gpu`` uses a ``TorchTrainer``.
+    In a pipeline or sweep, ``num_workers=1`` on CPU runs the stage loop inside
+    its Ray Tune trial (no trainer start-up); ``num_workers>1`` or ``use_gpu``
+    makes the trial drive a ``TorchTrainer``. ``medcl pretrain``/``finetune``
+    (``run_stage``) always use a ``TorchTrainer`` with ``num_workers`` workers.
+    ``max_failures``: worker-group restarts from the latest checkpoint.
     """
 
     num_workers: int = 1
