@@ -125,6 +125,11 @@ def fit(
         last = epoch == cfg.max_epochs - 1
         if last and evaluate is not None and ctx.is_rank_zero:
             metrics.update(evaluate(unwrap(model)))
+        # Logged before the report: Tune may stop a trial inside ``report`` (ASHA, an
+        # interruption), and the epoch must be in MLflow by then. An epoch lost to a crash
+        # before its checkpoint runs again on resume and logs a second point at its step.
+        if run_logger is not None and ctx.is_rank_zero:
+            run_logger.log_metrics(metrics, step=epoch)
         if ctx.is_rank_zero and (last or (epoch + 1) % cfg.checkpoint_every == 0):
             with temporary_checkpoint_dir() as tmp:
                 save_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
@@ -132,10 +137,6 @@ def fit(
                 ctx.report(metrics, tmp)
         else:
             ctx.report(metrics, None)
-        # Logged after the report: an epoch lost to a crash before its checkpoint runs
-        # again on resume, and must not leave a second point at the same step.
-        if run_logger is not None and ctx.is_rank_zero:
-            run_logger.log_metrics(metrics, step=epoch)
     if start_epoch >= cfg.max_epochs and evaluate is not None and ctx.is_rank_zero:
         metrics = {"epoch": float(cfg.max_epochs - 1), **evaluate(unwrap(model))}
     return metrics
