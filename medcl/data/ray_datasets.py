@@ -224,6 +224,9 @@ class _AugmentBatch:
 def _finish(ds: ray.data.Dataset, what: str, *, materialize: bool, augment: Callable[..., Any] | None,
             augment_batch_size: int) -> ray.data.Dataset:
     if materialize:
+        # Keep the shards' row order: otherwise blocks arrive in the order parallel reads
+        # finish, and the seeded local shuffle of training gives other batches on every run.
+        ds.context.execution_options.preserve_order = True
         ds = ds.materialize()
         if ds.count() == 0:  # free once materialised
             raise ValueError(f"{what} selects no rows; check split/site/fraction against the manifest")

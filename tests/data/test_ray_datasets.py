@@ -205,3 +205,14 @@ def test_torch_trainer_two_workers_see_every_row_once(train_ds, bags_ds, tmp_pat
     assert all(rows > 0 and bags > 0 for rows, bags in counts)
     assert sum(rows for rows, _ in counts) == sum(1 for r in reference.values() if r["split"] == "train")
     assert sum(bags for _, bags in counts) == 4
+
+
+def test_streams_keep_the_shards_row_order_on_every_build(ray_session, dataset_dir):
+    # Several shards are read in parallel; without a kept order the blocks arrive as reads finish,
+    # and the seeded local shuffle of training would give other batches on every run.
+    paths = sorted(dataset_dir.glob("shard-*.parquet"))
+    expected = [(r["patient_id"], r["slice_index"]) for r in pq.read_table(paths).to_pylist()
+                if r["split"] == "train"]
+    for _ in range(4):
+        rows = rd.train_images(dataset_dir).select_columns(["patient_id", "slice_index"]).take_all()
+        assert [(r["patient_id"], r["slice_index"]) for r in rows] == expected
