@@ -223,13 +223,16 @@ def _plan_record(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, Any]:
     return {"dataset": str(Path(cfg.dataset.path).resolve()), "jobs": configs}
 
 
-def check_resumable(cfg: PipelineConfig) -> None:
+def check_resumable(cfg: PipelineConfig) -> bool:
     """Refuse to resume a pipeline run that was started with other jobs or configs.
 
     The waves of a run are restored by name, so running a changed pipeline (other
     methods, fractions, seeds or stage settings) under the same name would mix
     results of two configurations. The plan of the first run is kept in
     ``<storage_path>/<name>/plan.json``.
+
+    Returns:
+        True when a run of this pipeline exists (and will be resumed), False for a new one.
 
     Raises:
         ValueError: the stored plan differs; the message names what changed.
@@ -239,7 +242,7 @@ def check_resumable(cfg: PipelineConfig) -> None:
     root = f"{resolve_storage(cfg.storage_path)}/{cfg.name}"
     old = read_json(root, _PLAN_FILE)
     if old is None:
-        return
+        return False
     new = _plan_record(cfg, plan_jobs(cfg))
     changes = []
     if old.get("dataset") != new["dataset"]:
@@ -256,6 +259,7 @@ def check_resumable(cfg: PipelineConfig) -> None:
         raise ValueError(f"pipeline {cfg.name!r} was started at {root} with another plan ({'; '.join(changes)}); "
                          f"run the changed pipeline under a new name (--set name={cfg.name}-2), or delete {root} "
                          "to start over")
+    return True
 
 
 def _build_all_streams(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, dict[str, Any]]:
@@ -291,11 +295,10 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
     """
     from medcl import tracking as mlt
 
-    from medcl.storage_json import read_json, write_json
+    from medcl.storage_json import write_json
 
-    check_resumable(cfg)
+    resuming = check_resumable(cfg)
     run_root = f"{resolve_storage(cfg.storage_path)}/{cfg.name}"
-    resuming = read_json(run_root, _PLAN_FILE) is not None
     dataset_dir = prepare_dataset(cfg)
     cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=Path(dataset_dir).resolve()))
     target = mlt.configure_tracking(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,

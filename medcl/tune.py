@@ -217,14 +217,6 @@ def _trial_dirname(trial: Any) -> str:
     return trial.trial_id
 
 
-def _read_sidecar(root: str) -> dict[str, Any] | None:
-    return read_json(root, _SIDECAR)
-
-
-def _write_sidecar(root: str, data: dict[str, Any]) -> None:
-    write_json(root, _SIDECAR, data)
-
-
 def _forget_pending_decisions(experiment: str) -> None:
     """Drop scheduling decisions that were waiting on a checkpoint save when the experiment state was written.
 
@@ -305,7 +297,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, callbacks: list | Non
 
     root = f"{resolve_storage(sweep.storage_path)}/{sweep.name}"
     experiment = f"{root}/tune"
-    sidecar = _read_sidecar(root)
+    sidecar = read_json(root, _SIDECAR)
     can_restore = tune.Tuner.can_restore(experiment)
     _check_resumable(sweep, root, sidecar, sidecar is not None or can_restore, resume)
 
@@ -332,7 +324,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, callbacks: list | Non
                     "space": {k: d.describe() for k, d in sweep.space.items()}})
         mlt.log_text(target, parent, sweep.source.read_text(), "sweep.yaml")
         mlt.log_text(target, parent, sweep.pipeline_path.read_text(), "pipeline.yaml")
-        _write_sidecar(root, {"name": sweep.name, "parent_run_id": parent, "tracking_uri": target.tracking_uri,
+        write_json(root, _SIDECAR, {"name": sweep.name, "parent_run_id": parent, "tracking_uri": target.tracking_uri,
                               "fingerprint": sweep.fingerprint()})
 
     if can_restore:
