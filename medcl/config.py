@@ -90,6 +90,7 @@ class _StageBase:
     warmup_epochs: int = 0
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always checkpoints
     min_steps_per_epoch: int = 0  # cycle small (labelled) data until an epoch has this many steps; 0: one pass
+    max_steps_per_epoch: int = 0  # end an epoch after this many steps (a step budget on large data); 0: no cap
     seed: int = 0
     init_from: Path | None = None  # checkpoint dir or model.pt of an earlier stage (heads dropped)
 
@@ -102,6 +103,9 @@ class _StageBase:
                f"warmup_epochs must be in [0, max_epochs), got {self.warmup_epochs}")
         _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(self.min_steps_per_epoch >= 0, f"min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
+        _check(self.max_steps_per_epoch == 0 or self.max_steps_per_epoch >= max(1, self.min_steps_per_epoch),
+               f"max_steps_per_epoch must be 0 (no cap) or >= max(1, min_steps_per_epoch="
+               f"{self.min_steps_per_epoch}), got {self.max_steps_per_epoch}")
 
 
 def _check_fraction(value: float) -> None:

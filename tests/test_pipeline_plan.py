@@ -277,3 +277,37 @@ def test_classification_chain(tmp_path):
     assert [j.key for j in jobs] == ["probe@seed=0,fraction=0.01", "probe@seed=0,fraction=1", "simclr@seed=0",
                                      "simclr>probe@seed=0,fraction=0.01", "simclr>probe@seed=0,fraction=1"]
     assert jobs[2].config.method == "micle" and jobs[3].config.protocol == "linear"
+
+
+# ----------------------------------------------------------------------------- the shipped files
+_SHIPPED = {  # file: (source_path under shared data or None, jobs planned, jobs planned with --smoke)
+    # 3 global + 3 self-supervised local (shared by fractions) + 3 supervised local x 4 fractions x 3 seeds
+    # + 6 methods x 4 fractions x 3 seeds fine-tunes; smoke: 5%, seed 0
+    "hippocampus": ("Task04_Hippocampus", 3 + 3 + 36 + 72, 1 + 1 + 3 + 6),
+    "micle": (None, 2 * 3 + 3 * 3 * 3, 2 + 3),            # 2 pretrains x 3 seeds + 3 methods x 3 fractions x 3 seeds
+    "pneumonia": ("pneumoniamnist/pneumoniamnist.npz", 3 + 2 * 3 * 3, 1 + 2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SHIPPED))
+def test_shipped_pipelines_load_and_plan(name, shared_data):
+    source, jobs, smoke_jobs = _SHIPPED[name]
+    overrides = [f"dataset.source_path={shared_data / source}"] if source else []
+    path = REPO / "pipelines" / f"{name}.yaml"
+    assert len(plan_jobs(load_pipeline(path, overrides))) == jobs
+    assert len(plan_jobs(load_pipeline(path, overrides, smoke=True))) == smoke_jobs
+
+
+def test_hippocampus_cpu_run_gives_every_fraction_the_same_budgets(shared_data):
+    cfg = load_pipeline(REPO / "pipelines" / "hippocampus.yaml",
+                        [f"dataset.source_path={shared_data / 'Task04_Hippocampus'}"], smoke=True)
+    finetune = cfg.stage("finetune")
+    assert finetune.max_epochs * finetune.max_steps_per_epoch == 600 == finetune.max_epochs * finetune.min_steps_per_epoch
+    local = [cfg.stage(s) for s in ("local_ssl", "local_stride", "local_block", "local_exact")]
+    assert {(s.max_epochs, s.min_steps_per_epoch, s.max_steps_per_epoch, s.batch_size_per_worker) for s in local} == {
+        (2, 20, 20, 2)}
+    assert {cfg.stage(s).model.features for s in cfg.stages} == {(16, 32, 64, 128, 256)}  # the CPU preset
+    paper = load_pipeline(REPO / "pipelines" / "hippocampus.yaml",
+                          [f"dataset.source_path={shared_data / 'Task04_Hippocampus'}"])
+    assert paper.stage("global").max_epochs == 100 and paper.stage("finetune").max_steps_per_epoch == 0
+    assert paper.stage("finetune").model.features == (64, 128, 256, 512, 1024)

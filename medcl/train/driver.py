@@ -64,7 +64,8 @@ def stage_inputs(cfg: StageConfig, dataset_dir: str | Path, streams: dict[str, A
         num_classes = max(2, len(manifest.label_map or {}))
         multilabel = False
     rows = streams["train"].count()
-    steps = steps_per_epoch(rows, cfg.batch_size_per_worker, world_size, cfg.min_steps_per_epoch)
+    steps = steps_per_epoch(rows, cfg.batch_size_per_worker, world_size, cfg.min_steps_per_epoch,
+                            cfg.max_steps_per_epoch)
     return StageInputs(dataset_dir=str(dataset_dir), in_channels=in_channels, num_classes=num_classes,
                        multilabel=multilabel, steps_per_epoch=steps, amp=amp, tracking=tracking)
 

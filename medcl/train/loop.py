@@ -162,10 +162,16 @@ def _fail_once_for_tests(ctx: StageContext, epoch: int) -> None:
     raise RuntimeError(f"injected failure ({FAIL_ONCE_AT_EPOCH_ENV}={at}) on rank {ctx.world_rank} at epoch {epoch}")
 
 
-def steps_per_epoch(num_rows: int, batch_size_per_worker: int, world_size: int, min_steps: int = 0) -> int:
-    """Optimiser steps each worker takes per epoch: whole passes of full batches, at least ``min_steps``."""
+def steps_per_epoch(num_rows: int, batch_size_per_worker: int, world_size: int, min_steps: int = 0,
+                    max_steps: int = 0) -> int:
+    """Optimiser steps each worker takes per epoch.
+
+    Whole passes of full batches until there are at least ``min_steps``, then
+    capped at ``max_steps`` (0: no cap).
+    """
     per_pass = max(1, math.floor(num_rows / world_size) // batch_size_per_worker)
-    return per_pass * max(1, math.ceil(min_steps / per_pass))
+    steps = per_pass * max(1, math.ceil(min_steps / per_pass))
+    return min(steps, max_steps) if max_steps > 0 else steps
 
 
 @dataclass(frozen=True)
@@ -199,7 +205,9 @@ def epoch_batches(ctx: StageContext, cfg: Any, epoch: int, name: str = "train", 
     batches are dropped so that every DDP rank takes the same number of steps.
     With ``cfg.min_steps_per_epoch`` the epoch makes whole passes over the data
     until it has taken at least that many steps (a small labelled subset is
-    cycled instead of giving a handful of steps).
+    cycled instead of giving a handful of steps); with ``cfg.max_steps_per_epoch``
+    it ends after that many steps (a step budget on a large set). Together they
+    give every label fraction the same number of steps.
     """
     from medcl.data.ray_datasets import torch_batches
 
@@ -208,6 +216,8 @@ def epoch_batches(ctx: StageContext, cfg: Any, epoch: int, name: str = "train", 
         return torch_batches(ctx.dataset(name), cfg.batch_size_per_worker, collate_fn=collate_fn, device=ctx.device,
                              drop_last=True, local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed)
 
+    cap = getattr(cfg, "max_steps_per_epoch", 0)
+
     def passes():
         steps = repeat = 0
         while True:
@@ -215,6 +225,8 @@ def epoch_batches(ctx: StageContext, cfg: Any, epoch: int, name: str = "train", 
             for batch in one_pass(repeat):
                 steps += 1
                 yield batch
+                if cap and steps >= cap:
+                    return
             repeat += 1
             if steps >= cfg.min_steps_per_epoch or steps == before:
                 return
