@@ -62,6 +62,8 @@ def plain_loop(dataset: str, cfg, steps: int, threads: int, use_gpu: bool = Fals
     done, start = 0, None
     for step in range(steps + 3):
         if step == 3:  # warm-up excluded
+            if use_gpu:
+                torch.cuda.synchronize()  # the warm-up's queued kernels are not counted
             start = time.perf_counter()
         idx = torch.randint(0, len(images), (bs,), device=device)
         v1, v2 = views(images[idx])
