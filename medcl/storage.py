@@ -1,4 +1,4 @@
-"""Small JSON side files next to Ray results, on a local path or a remote URI (``s3://``, ``gs://``).
+"""Where runs are stored: a local directory or a remote URI (``s3://``, ``gs://``), and small JSON side files there.
 
 Local writes go to a temporary name first, then are renamed, so a reader never
 sees half a file.
@@ -10,7 +10,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_json", "write_json"]
+__all__ = ["resolve_storage", "read_json", "write_json"]
+
+
+def resolve_storage(path: str | Path) -> str:
+    """Absolute local path, or a URI (``s3://bucket/prefix``) left as it is."""
+    text = str(path)
+    return text if "://" in text else str(Path(text).resolve())
 
 
 def read_json(root: str, name: str) -> dict[str, Any] | None:

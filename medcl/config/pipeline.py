@@ -4,19 +4,28 @@ A *method* is a chain of stage templates, e.g. ``[global, local, finetune]``;
 every method runs at every label fraction and seed. Validation happens here,
 before Ray starts: unknown keys, wrong types, missing files, fractions out of
 range and methods naming unknown stages are reported together, each with its
-key path.
+key path. The stage templates are parsed once, here: ``PipelineConfig.stage(name)``
+returns the typed template.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from medcl.config import STAGE_CONFIGS, ScalingSpec, StageConfig, stage_config_from_dict
-from medcl.config_loader import ConfigError, apply_overrides, build, load_yaml
+from medcl.config.binder import ConfigError, apply_overrides, build, check, load_yaml
+from medcl.config.stages import (
+    FINETUNE_KINDS,
+    STAGE_CONFIGS,
+    ScalingSpec,
+    StageConfig,
+    check_fraction,
+    stage_config_from_dict,
+)
 
-__all__ = ["PipelineConfig", "DatasetSpec", "TrackingSpec", "load_pipeline"]
+__all__ = ["PipelineConfig", "DatasetSpec", "TrackingSpec", "load_pipeline", "with_scaling", "STAGE_KINDS"]
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,11 @@ class TrackingSpec:
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """A whole experiment: see ``pipelines/quickstart.yaml`` for a commented example."""
+    """A whole experiment: see ``pipelines/quickstart.yaml`` for a commented example.
+
+    ``stages`` holds the templates as the file wrote them (what a sweep's resume
+    fingerprint hashes); :meth:`stage` gives them typed.
+    """
 
     name: str
     dataset: DatasetSpec
@@ -64,32 +77,51 @@ class PipelineConfig:
     smoke: list[str] = field(default_factory=list)  # key=value overrides applied by `medcl run --smoke`
 
     def __post_init__(self) -> None:
-        bad = [f for f in self.label_fractions if not 0.0 < f <= 1.0]
-        if bad:
-            raise ValueError(f"label_fractions must be in (0, 1], got {bad}")
-        if not self.label_fractions:
-            raise ValueError("label_fractions must not be empty")
-        if not self.seeds:
-            raise ValueError("seeds must not be empty")
-        if self.max_concurrent_trials < 1:
-            raise ValueError(f"max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}")
+        check_fraction("label_fractions", self.label_fractions)
+        check(bool(self.label_fractions), "label_fractions must not be empty")
+        check(bool(self.seeds), "seeds must not be empty")
+        check(self.max_concurrent_trials >= 1, f"max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}")
+
+    @cached_property
+    def templates(self) -> dict[str, StageConfig]:
+        """Stage name -> typed template; :func:`load_pipeline` fills it when it validates them.
+
+        Raises:
+            ConfigError: a template is not valid (only for a config made without ``load_pipeline``).
+        """
+        problems: list[str] = []
+        templates = {name: _parse_template(name, data, problems) for name, data in self.stages.items()}
+        if problems:
+            raise ConfigError(problems)
+        return templates
 
     def stage(self, name: str) -> StageConfig:
         """The typed template of stage ``name``."""
-        return stage_config_from_dict(self.stages[name], path=f"stages.{name}")
+        return self.templates[name]
 
 
-def _check_stages(stages: Any, methods: Any, problems: list[str]) -> None:
-    """Stage templates and method chains, checked on the raw mapping (so other errors don't hide these)."""
+def _parse_template(name: str, data: Any, problems: list[str]) -> StageConfig | None:
+    """The typed template ``stages.<name>``, or None with its problems added to ``problems``."""
+    try:
+        return stage_config_from_dict(data, path=f"stages.{name}")
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return None
+
+
+def _check_stages(stages: Any, methods: Any, problems: list[str]) -> dict[str, StageConfig]:
+    """Stage templates and method chains, checked on the raw mapping (so other errors don't hide these).
+
+    Returns:
+        Stage name -> typed template (None where the template has problems).
+    """
     if not isinstance(stages, dict) or not isinstance(methods, dict):
-        return  # the dataclass build already reported the type
+        return {}  # the dataclass build already reported the type
+    templates = {}
     for name, data in stages.items():
         if not isinstance(data, dict):
             continue
-        try:
-            stage_config_from_dict(data, path=f"stages.{name}")
-        except ConfigError as exc:
-            problems.extend(exc.problems)
+        templates[name] = _parse_template(name, data, problems)
         for key in ("seed", "label_fraction", "init_from"):
             if key in data:
                 problems.append(f"stages.{name}.{key}: set by the pipeline (seeds, label_fractions, methods); "
@@ -108,8 +140,9 @@ def _check_stages(stages: Any, methods: Any, problems: list[str]) -> None:
             problems.append(f"methods.{method}: stages {list(models)} must share one model shape to hand over "
                             f"weights; got {models}")
         kinds = [stages[stage].get("kind") for stage in known]
-        if kinds and kinds[-1] not in ("seg_finetune", "cls_finetune"):
+        if kinds and kinds[-1] not in FINETUNE_KINDS:
             problems.append(f"methods.{method}: must end with a fine-tuning stage, ends with {kinds[-1]!r}")
+    return templates
 
 
 def _check_dataset(spec: DatasetSpec, problems: list[str]) -> None:
@@ -164,7 +197,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, smoke: b
     except ConfigError as exc:
         problems.extend(exc.problems)
         cfg = None
-    _check_stages(data.get("stages"), data.get("methods"), problems)
+    templates = _check_stages(data.get("stages"), data.get("methods"), problems)
     if cfg is not None:
         if cfg.dataset.source == "existing" and not (cfg.dataset.path / "manifest.json").is_file():
             problems.append(f"dataset.path: no dataset at {cfg.dataset.path} (manifest.json missing); "
@@ -172,6 +205,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, smoke: b
         _check_dataset(cfg.dataset, problems)
     if problems:
         raise ConfigError(problems, source=str(path))
+    cfg.__dict__["templates"] = templates  # fills the cached property: the templates are parsed once
     return cfg
 
 
@@ -179,12 +213,6 @@ def with_scaling(cfg: PipelineConfig, **changes: Any) -> PipelineConfig:
     """A copy with some ScalingSpec fields replaced (``--num-workers``, ``--use-gpu``)."""
     changes = {k: v for k, v in changes.items() if v is not None}
     return dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, **changes))
-
-
-def resolve_storage(path: str | Path) -> str:
-    """Absolute local path, or a URI (``s3://bucket/prefix``) left as it is."""
-    text = str(path)
-    return text if "://" in text else str(Path(text).resolve())
 
 
 STAGE_KINDS = tuple(STAGE_CONFIGS)

@@ -22,9 +22,7 @@ inside the pipeline are relative to the current directory, as for ``medcl run``.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
-import difflib
 import hashlib
 import json
 import math
@@ -33,87 +31,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medcl.config import STAGE_CONFIGS, StageConfig, stage_config_from_dict, to_dict
-from medcl.config_loader import ConfigError, apply_overrides, build, load_yaml
-from medcl.pipeline_config import PipelineConfig, TrackingSpec, load_pipeline
+from medcl.config.binder import ConfigError, apply_overrides, build, check, load_yaml, to_dict
+from medcl.config.pipeline import PipelineConfig, TrackingSpec, load_pipeline
+from medcl.config.space import DISTRIBUTIONS, Distribution, check_space, parse_space, resolve_chain
+from medcl.config.stages import FINETUNE_KINDS
 
 __all__ = ["Distribution", "AshaSpec", "SchedulerSpec", "TrialResources", "SweepConfig", "load_sweep",
            "resolve_chain", "DISTRIBUTIONS"]
 
-DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
-_TRIAL_KEYS = ("label_fraction", "seed")  # set on every stage of a trial, not per stage
-_FIXED_FIELDS = ("kind", "init_from")
-_EVALUATING_KINDS = ("seg_finetune", "cls_finetune")  # report test/* (and shifted/*) after the last epoch
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
-
-
-@dataclass(frozen=True)
-class Distribution:
-    """One search-space entry.
-
-    ``grid``: every value, each trial of the grid once (times ``num_samples``);
-    ``choice``: one value drawn per trial; ``uniform`` / ``loguniform``: a float
-    in [low, high]; ``randint``: an integer in [low, high).
-    """
-
-    kind: Literal["grid", "choice", "uniform", "loguniform", "randint"]
-    values: tuple[Any, ...] = ()
-    low: float = 0.0
-    high: float = 0.0
-
-    def probe_values(self) -> list[Any]:
-        """Values that must be valid for the pipeline: every listed value, or both ends of a range."""
-        if self.kind in ("grid", "choice"):
-            return list(self.values)
-        if self.kind == "randint":
-            return [int(self.low), int(self.high) - 1]
-        return [float(self.low), float(self.high)]
-
-    def describe(self) -> str:
-        """Short text form, e.g. ``loguniform(0.0001, 0.01)`` or ``grid[0.1, 0.5]``."""
-        if self.kind in ("grid", "choice"):
-            return f"{self.kind}{list(self.values)}"
-        return f"{self.kind}({self.low:g}, {self.high:g})"
-
-
-def _parse_distribution(spec: Any, where: str, problems: list[str]) -> Distribution | None:
-    forms = "{grid: [..]}, {choice: [..]}, {uniform: [low, high]}, {loguniform: [low, high]} or {randint: [low, high]}"
-    if not isinstance(spec, dict) or len(spec) != 1:
-        problems.append(f"{where}: expected one distribution such as {forms}, got {spec!r}")
-        return None
-    (kind, arg), = spec.items()
-    if kind not in DISTRIBUTIONS:
-        close = difflib.get_close_matches(str(kind), DISTRIBUTIONS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else f"; use one of {', '.join(DISTRIBUTIONS)}"
-        problems.append(f"{where}: unknown distribution {kind!r}{hint}")
-        return None
-    if kind in ("grid", "choice"):
-        if not isinstance(arg, list) or not arg:
-            problems.append(f"{where}.{kind}: expected a non-empty list of values, got {arg!r}")
-            return None
-        return Distribution(kind, values=tuple(arg))
-    if (not isinstance(arg, list) or len(arg) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in arg)):
-        problems.append(f"{where}.{kind}: expected [low, high] (two numbers), got {arg!r}")
-        return None
-    low, high = arg
-    if not all(math.isfinite(v) for v in arg):
-        problems.append(f"{where}.{kind}: low and high must be finite, got {arg!r}")
-    elif low >= high:
-        problems.append(f"{where}.{kind}: low must be < high, got low={low!r}, high={high!r}")
-    elif kind == "loguniform" and low <= 0:
-        problems.append(f"{where}.loguniform: low must be > 0 (a log scale), got {low!r}; use uniform for ranges "
-                        "that include 0")
-    elif kind == "randint" and not all(isinstance(v, int) for v in arg):
-        problems.append(f"{where}.randint: low and high must be integers, got {arg!r}")
-    else:
-        return Distribution(kind, low=low, high=high)
-    return None
 
 
 @dataclass(frozen=True)
@@ -132,10 +58,10 @@ class AshaSpec:
     time_attr: Literal["training_iteration", "epoch"] = "training_iteration"
 
     def __post_init__(self) -> None:
-        _check(self.max_t is None or self.max_t >= 1, f"max_t must be >= 1, got {self.max_t}")
-        _check(self.grace_period >= 1, f"grace_period must be >= 1, got {self.grace_period}")
-        _check(self.reduction_factor > 1, f"reduction_factor must be > 1, got {self.reduction_factor}")
-        _check(self.max_t is None or self.grace_period <= self.max_t,
+        check(self.max_t is None or self.max_t >= 1, f"max_t must be >= 1, got {self.max_t}")
+        check(self.grace_period >= 1, f"grace_period must be >= 1, got {self.grace_period}")
+        check(self.reduction_factor > 1, f"reduction_factor must be > 1, got {self.reduction_factor}")
+        check(self.max_t is None or self.grace_period <= self.max_t,
                f"grace_period must be <= max_t, got grace_period={self.grace_period}, max_t={self.max_t}")
 
 
@@ -159,8 +85,8 @@ class TrialResources:
     gpu: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(self.cpu is None or self.cpu > 0, f"cpu must be > 0, got {self.cpu}")
-        _check(self.gpu >= 0, f"gpu must be >= 0, got {self.gpu}")
+        check(self.cpu is None or self.cpu > 0, f"cpu must be > 0, got {self.cpu}")
+        check(self.gpu >= 0, f"gpu must be >= 0, got {self.gpu}")
 
 
 @dataclass(frozen=True)
@@ -187,14 +113,14 @@ class _SweepFile:
     description: str = ""
 
     def __post_init__(self) -> None:
-        _check(bool(_NAME_RE.match(self.name)),
+        check(bool(_NAME_RE.match(self.name)),
                f"name must be letters, digits, '.', '_' or '-' (it names a directory and an MLflow run), got {self.name!r}")
-        _check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
-        _check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
+        check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
+        check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
                f"max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}")
-        _check(self.max_failures is None or self.max_failures >= 0,
+        check(self.max_failures is None or self.max_failures >= 0,
                f"max_failures must be >= 0, got {self.max_failures}")
-        _check(bool(self.space), "space must name at least one key to sweep")
+        check(bool(self.space), "space must name at least one key to sweep")
 
 
 @dataclass(frozen=True)
@@ -248,130 +174,15 @@ class SweepConfig:
                 for k, v in parts.items()}
 
 
-def _set_path(data: dict[str, Any], parts: list[str], value: Any) -> None:
-    node = data
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def _uses_labels(cfg: StageConfig) -> bool:
-    if cfg.kind == "local_pretrain":
-        return cfg.loss != "self_supervised"
-    return hasattr(cfg, "label_fraction")
-
-
-def _fields(kind: Any) -> list[str]:
-    cls = STAGE_CONFIGS.get(kind)
-    return [f.name for f in dataclasses.fields(cls)] if cls is not None else []
-
-
-def resolve_chain(pipeline: PipelineConfig, chain: tuple[str, ...] | list[str], values: dict[str, Any],
-                  init_from: Path | None = None) -> list[tuple[str, StageConfig]]:
-    """The typed stage configs of one trial: the pipeline's templates with the trial's ``values`` applied.
-
-    Args:
-        pipeline: The base pipeline.
-        chain: Stage names, in order.
-        values: Dotted key -> value (``seed``, ``label_fraction``, ``stages.<stage>.<key>[.<key>]``).
-        init_from: Checkpoint the first stage starts from (single-stage sweeps).
-
-    Raises:
-        ConfigError: A value is not valid for its key (messages carry the stage key path).
-    """
-    seed = values["seed"] if "seed" in values else pipeline.seeds[0]
-    fraction = values["label_fraction"] if "label_fraction" in values else pipeline.label_fractions[0]
-    out: list[tuple[str, StageConfig]] = []
-    problems: list[str] = []
-    for index, name in enumerate(chain):
-        data = copy.deepcopy(pipeline.stages[name])
-        for key, value in values.items():
-            parts = key.split(".")
-            if len(parts) >= 3 and parts[0] == "stages" and parts[1] == name:
-                _set_path(data, parts[2:], value)
-        data["seed"] = seed
-        if "label_fraction" in _fields(data.get("kind")):
-            data["label_fraction"] = fraction
-        if index == 0 and init_from is not None:
-            data["init_from"] = str(init_from)
-        try:
-            out.append((name, stage_config_from_dict(data, path=f"stages.{name}")))
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise ConfigError(problems)
-    return out
-
-
-def _check_space_key(key: str, pipeline: PipelineConfig, chain: tuple[str, ...], where: str) -> str | None:
-    """Why ``key`` cannot be swept in this sweep, or None."""
-    parts = key.split(".")
-    if key in _TRIAL_KEYS:
-        if key == "label_fraction" and not any(_uses_labels(pipeline.stage(s)) for s in chain):
-            return f"{where}: no stage of this sweep ({' > '.join(chain)}) uses labels"
-        return None
-    if len(parts) < 3 or parts[0] != "stages" or not all(parts):
-        return (f"{where}: unknown key; sweepable keys are {', '.join(_TRIAL_KEYS)} and "
-                f"stages.<stage>.<key> for the stages {', '.join(chain)}")
-    name, first = parts[1], parts[2]
-    if name not in pipeline.stages:
-        return f"{where}: the pipeline has no stage {name!r}; its stages: {', '.join(pipeline.stages)}"
-    if name not in chain:
-        return f"{where}: stage {name!r} is not run by this sweep, which runs {' > '.join(chain)}"
-    if first in _TRIAL_KEYS:
-        return f"{where}: {first} is set for every stage of a trial; sweep the top-level key {first!r} instead"
-    if first in _FIXED_FIELDS:
-        return f"{where}: {first} cannot be swept"
-    kind = pipeline.stages[name].get("kind")
-    fields = _fields(kind)
-    if first not in fields:
-        close = difflib.get_close_matches(first, fields, n=1, cutoff=0.75)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"{where}: stage {name!r} ({kind}) has no key {first!r}{hint}"
-    return None
-
-
-def _check_space(space: dict[str, Distribution], pipeline: PipelineConfig, chain: tuple[str, ...],
-                 problems: list[str]) -> None:
-    for key, dist in space.items():
-        where = f"space.{key}"
-        why = _check_space_key(key, pipeline, chain, where)
-        if why is not None:
-            problems.append(why)
-            continue
-        if key == "seed" and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
-                                     for v in dist.probe_values()):
-            problems.append(f"{where}: seeds must be integers >= 0 (use grid, choice or randint), "
-                            f"got {dist.describe()}")
-            continue
-        seen: set[str] = set()
-        for value in dist.probe_values():
-            try:
-                resolve_chain(pipeline, chain, {key: value})
-            except ConfigError as exc:
-                for problem in exc.problems:
-                    if problem in seen:
-                        continue
-                    seen.add(problem)
-                    hint = ""
-                    if dist.kind in ("uniform", "loguniform") and "expected an integer" in problem:
-                        hint = "; use grid, choice or randint for an integer key"
-                    problems.append(f"{where}: {dist.kind} value {value!r} is not valid: {problem}{hint}")
-                if dist.kind not in ("grid", "choice"):
-                    break  # one message per range
-
-
 def _check_metric(file: _SweepFile, pipeline: PipelineConfig, chain: tuple[str, ...], problems: list[str]) -> None:
     last = chain[-1]
-    last_kind = pipeline.stages[last].get("kind")
+    last_kind = pipeline.stage(last).kind
     per_epoch = file.metric.startswith("train/") or file.metric == "epoch"
     final = file.metric.startswith(("test/", "shifted/"))
     if not per_epoch and not final:
         problems.append(f"metric: unknown metric {file.metric!r}; use a per-epoch metric (train/loss, train/lr, ...) "
                         "or an evaluation metric of a fine-tuning stage (test/dice_2d, test/auc, ...)")
-    elif final and last_kind not in _EVALUATING_KINDS:
+    elif final and last_kind not in FINETUNE_KINDS:
         problems.append(f"metric: {file.metric!r} is reported by fine-tuning stages after their last epoch, but "
                         f"this sweep ends with stage {last!r} ({last_kind}); use a per-epoch metric such as train/loss")
     asha = file.scheduler.asha
@@ -402,21 +213,6 @@ def _check_metric(file: _SweepFile, pipeline: PipelineConfig, chain: tuple[str, 
 def _last_time(asha: AshaSpec, max_epochs: int) -> int:
     """The value of ``asha.time_attr`` at a stage's last epoch (iterations count from 1, epochs from 0)."""
     return max_epochs if asha.time_attr == "training_iteration" else max_epochs - 1
-
-
-def _flatten_space(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Dotted keys for nested space entries (``--set space.stages.local.temperature.grid=[0.1]``); later wins."""
-    out: dict[str, Any] = {}
-    for key, value in raw.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        nested = (isinstance(value, dict) and value and not set(value) & set(DISTRIBUTIONS)
-                  and all(isinstance(v, dict) for v in value.values()))
-        if nested:
-            out.update(_flatten_space(value, path))
-        else:
-            out.pop(path, None)
-            out[path] = value
-    return out
 
 
 def _find_pipeline(path: Path, source: Path) -> Path | None:
@@ -453,13 +249,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
             file = build(_SweepFile, {k: v for k, v in data.items() if k not in bad})
         except ConfigError:
             file = None
-    space: dict[str, Distribution] = {}
-    raw_space = data.get("space")
-    if isinstance(raw_space, dict):
-        for key, spec in _flatten_space(raw_space).items():
-            dist = _parse_distribution(spec, f"space.{key}", problems)
-            if dist is not None:
-                space[key] = dist
+    space = parse_space(data.get("space"), problems)
     if file is None:
         raise ConfigError(problems, source=str(source))
 
@@ -497,7 +287,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
             problems.append(f"init_from: {file.init_from} does not exist")
 
     if pipeline is not None and chain:
-        _check_space(space, pipeline, chain, problems)
+        check_space(space, pipeline, chain, problems)
         _check_metric(file, pipeline, chain, problems)
         scaling = pipeline.scaling
         if scaling.num_workers > 1 and file.resources.gpu not in (0, 1):

@@ -12,7 +12,9 @@ Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Path``,
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -21,7 +23,9 @@ from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin, get_typ
 
 import yaml
 
-__all__ = ["ConfigError", "build", "to_dict", "apply_overrides", "load_yaml"]
+from medcl.config.paths import set_path
+
+__all__ = ["ConfigError", "build", "check", "to_dict", "apply_overrides", "load_yaml"]
 
 T = TypeVar("T")
 
@@ -56,8 +60,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict copy."""
-    import copy
-
     out = copy.deepcopy(data)
     problems = []
     for item in overrides:
@@ -69,20 +71,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not parts:
             problems.append(f"override {item!r} has an empty key")
             continue
-        node = out
-        for part in parts[:-1]:
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                problems.append(f"override {item!r}: {part} is not a mapping")
-                break
-            node = nxt
-        else:
-            node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            set_path(out, parts, yaml.safe_load(raw))
+        except TypeError as exc:
+            problems.append(f"override {item!r}: {exc}")
     if problems:
         raise ConfigError(problems, source="command-line overrides")
     return out
+
+
+def check(cond: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``cond``: the range checks of ``__post_init__``.
+
+    Word ``message`` as ``"<field> must ..."``: :func:`build` then reports it at the field's key path.
+    """
+    if not cond:
+        raise ValueError(message)
 
 
 def build(cls: type[T], data: Mapping[str, Any] | None, *, path: str = "", source: str | None = None) -> T:
@@ -151,8 +155,6 @@ def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> An
 
 def _closest(key: str, names: Any) -> str | None:
     """The known key a mistyped ``key`` most likely meant (``max_epoch`` -> ``max_epochs``), or None."""
-    import difflib
-
     norm = key.replace("-", "_").lower()
     match = difflib.get_close_matches(norm, list(names), n=1, cutoff=0.75)
     return match[0] if match else None
@@ -224,4 +226,4 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a path, got {value!r}")
             return value
         return Path(value)
-    raise TypeError(f"config_loader cannot handle field type {tp!r} at {path}")
+    raise TypeError(f"the config binder cannot handle field type {tp!r} at {path}")

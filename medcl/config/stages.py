@@ -3,7 +3,8 @@
 Each stage config is a frozen dataclass; ``to_dict`` feeds
 ``train_loop_config`` and MLflow params, ``stage_config_from_dict`` rebuilds it
 inside a worker. Validation happens here, before any training starts; messages
-name the key and the value.
+name the key and the value. ``uses_labels`` says whether a stage trains on
+labels (a label fraction then tells its jobs apart).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from medcl.config_loader import ConfigError, build, to_dict
+from medcl.config.binder import ConfigError, build, check, to_dict
 
 __all__ = [
     "ConfigError",
@@ -24,15 +25,12 @@ __all__ = [
     "ClsPretrainConfig",
     "ClsFinetuneConfig",
     "STAGE_CONFIGS",
+    "FINETUNE_KINDS",
     "StageConfig",
     "stage_config_from_dict",
+    "check_fraction",
     "to_dict",
 ]
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -44,9 +42,9 @@ class UNetSpec:
     embed_dim: int = 128
 
     def __post_init__(self) -> None:
-        _check(len(self.features) >= 2, f"features must list at least 2 widths, got {list(self.features)}")
-        _check(all(f > 0 for f in self.features), f"features must be positive, got {list(self.features)}")
-        _check(self.embed_dim > 0, f"embed_dim must be > 0, got {self.embed_dim}")
+        check(len(self.features) >= 2, f"features must list at least 2 widths, got {list(self.features)}")
+        check(all(f > 0 for f in self.features), f"features must be positive, got {list(self.features)}")
+        check(self.embed_dim > 0, f"embed_dim must be > 0, got {self.embed_dim}")
 
 
 @dataclass(frozen=True)
@@ -76,9 +74,9 @@ class ScalingSpec:
     max_failures: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
-        _check(self.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-        _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+        check(self.num_workers >= 1, f"num_workers must be >= 1, got {self.num_workers}")
+        check(self.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
 
 
 @dataclass(frozen=True)
@@ -94,26 +92,40 @@ class _StageBase:
     seed: int = 0
     init_from: Path | None = None  # checkpoint dir or model.pt of an earlier stage (heads dropped)
 
+    @property
+    def uses_labels(self) -> bool:
+        """Whether the stage trains on labels (then its label fraction tells its jobs apart).
+
+        Stages with a ``label_fraction`` do, except a self-supervised ``local_pretrain``.
+        """
+        return hasattr(self, "label_fraction")
+
     def __post_init__(self) -> None:
-        _check(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")
-        _check(self.batch_size_per_worker >= 1, f"batch_size_per_worker must be >= 1, got {self.batch_size_per_worker}")
-        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        _check(0 <= self.warmup_epochs < self.max_epochs or self.warmup_epochs == 0,
+        check(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")
+        check(self.batch_size_per_worker >= 1, f"batch_size_per_worker must be >= 1, got {self.batch_size_per_worker}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        check(0 <= self.warmup_epochs < self.max_epochs or self.warmup_epochs == 0,
                f"warmup_epochs must be in [0, max_epochs), got {self.warmup_epochs}")
-        _check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
-        _check(self.min_steps_per_epoch >= 0, f"min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
-        _check(self.max_steps_per_epoch == 0 or self.max_steps_per_epoch >= max(1, self.min_steps_per_epoch),
+        check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        check(self.min_steps_per_epoch >= 0, f"min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
+        check(self.max_steps_per_epoch == 0 or self.max_steps_per_epoch >= max(1, self.min_steps_per_epoch),
                f"max_steps_per_epoch must be 0 (no cap) or >= max(1, min_steps_per_epoch="
                f"{self.min_steps_per_epoch}), got {self.max_steps_per_epoch}")
 
 
-def _check_fraction(value: float) -> None:
-    _check(0.0 < value <= 1.0, f"label_fraction must be in (0, 1], got {value}")
+def check_fraction(name: str, value: float | list[float]) -> None:
+    """Raise ``ValueError("<name> must be in (0, 1], ...")`` unless the fraction (or every listed one) is in (0, 1].
+
+    A list (a pipeline's ``label_fractions``) is reported by its bad entries, a single value as it is.
+    """
+    values = value if isinstance(value, list) else [value]
+    bad = [v for v in values if not 0.0 < v <= 1.0]
+    check(not bad, f"{name} must be in (0, 1], got {bad if isinstance(value, list) else value}")
 
 
 def _check_temperature(value: float) -> None:
-    _check(value > 0, f"temperature must be > 0, got {value}")
+    check(value > 0, f"temperature must be > 0, got {value}")
 
 
 @dataclass(frozen=True)
@@ -130,7 +142,7 @@ class GlobalPretrainConfig(_StageBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_temperature(self.temperature)
-        _check(self.num_partitions >= 1, f"num_partitions must be >= 1, got {self.num_partitions}")
+        check(self.num_partitions >= 1, f"num_partitions must be >= 1, got {self.num_partitions}")
 
 
 @dataclass(frozen=True)
@@ -154,13 +166,18 @@ class LocalPretrainConfig(_StageBase):
     lr: float = 1e-4
     model: UNetSpec = field(default_factory=UNetSpec)
 
+    @property
+    def uses_labels(self) -> bool:
+        """True unless ``loss`` is ``self_supervised``."""
+        return self.loss != "self_supervised"
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_temperature(self.temperature)
-        _check_fraction(self.label_fraction)
-        _check(self.stride >= 1, f"stride must be >= 1, got {self.stride}")
-        _check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
-        _check(self.unsupervised_weight >= 0, f"unsupervised_weight must be >= 0, got {self.unsupervised_weight}")
+        check_fraction("label_fraction", self.label_fraction)
+        check(self.stride >= 1, f"stride must be >= 1, got {self.stride}")
+        check(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        check(self.unsupervised_weight >= 0, f"unsupervised_weight must be >= 0, got {self.unsupervised_weight}")
 
 
 @dataclass(frozen=True)
@@ -176,8 +193,8 @@ class SegFinetuneConfig(_StageBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction(self.label_fraction)
-        _check(self.dice_weight >= 0, f"dice_weight must be >= 0, got {self.dice_weight}")
+        check_fraction("label_fraction", self.label_fraction)
+        check(self.dice_weight >= 0, f"dice_weight must be >= 0, got {self.dice_weight}")
 
 
 @dataclass(frozen=True)
@@ -207,7 +224,7 @@ class ClsFinetuneConfig(_StageBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_fraction(self.label_fraction)
+        check_fraction("label_fraction", self.label_fraction)
 
 
 StageConfig = GlobalPretrainConfig | LocalPretrainConfig | SegFinetuneConfig | ClsPretrainConfig | ClsFinetuneConfig
@@ -219,6 +236,8 @@ STAGE_CONFIGS: dict[str, type] = {
     "cls_pretrain": ClsPretrainConfig,
     "cls_finetune": ClsFinetuneConfig,
 }
+
+FINETUNE_KINDS = ("seg_finetune", "cls_finetune")  # end a method; report test/* (and shifted/*) after the last epoch
 
 
 def stage_config_from_dict(data: dict[str, Any], *, path: str = "", source: str | None = None) -> StageConfig:

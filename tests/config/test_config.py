@@ -16,7 +16,7 @@ from medcl.config import (
     stage_config_from_dict,
     to_dict,
 )
-from medcl.config_loader import ConfigError, apply_overrides, build, load_yaml
+from medcl.config.binder import ConfigError, apply_overrides, build, load_yaml
 
 
 def _problems(exc_info) -> list[str]:
@@ -72,7 +72,7 @@ def test_wrong_types_name_key_and_value(data, expected):
 
 
 def test_missing_required_key_is_reported():
-    from medcl.pipeline_config import DatasetSpec, PipelineConfig
+    from medcl.config.pipeline import DatasetSpec, PipelineConfig
 
     with pytest.raises(ConfigError, match="dataset.path: required key is missing") as e:
         build(PipelineConfig, {"name": "x", "dataset": {"source": "synthetic"}, "stages": {}, "methods": {}})
@@ -120,7 +120,7 @@ def test_range_checks_of_the_shared_stage_fields():
     with pytest.raises(ConfigError, match=r"stride: must be >= 1, got 0"):
         stage_config_from_dict({"kind": "local_pretrain", "stride": 0})
     with pytest.raises(ConfigError, match=r"scaling\.cpus_per_worker: must be > 0, got 0\.0"):
-        from medcl.pipeline_config import PipelineConfig
+        from medcl.config.pipeline import PipelineConfig
 
         build(PipelineConfig, {"name": "x", "dataset": {"path": "d"}, "stages": {}, "methods": {},
                                "scaling": {"cpus_per_worker": 0}})
@@ -227,3 +227,35 @@ def test_scaling_spec_validation():
         ScalingSpec(max_failures=-1)
     assert build(ScalingSpec, {"num_workers": 2, "cpus_per_worker": 0.5}) == ScalingSpec(num_workers=2,
                                                                                         cpus_per_worker=0.5)
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"kind": "global_pretrain"}, False),
+    ({"kind": "cls_pretrain"}, False),
+    ({"kind": "local_pretrain"}, True),  # supervised by default
+    ({"kind": "local_pretrain", "loss": "both"}, True),
+    ({"kind": "local_pretrain", "loss": "self_supervised"}, False),
+    ({"kind": "seg_finetune"}, True),
+    ({"kind": "cls_finetune", "protocol": "linear"}, True),
+])
+def test_uses_labels_says_which_stages_train_on_labels(data, expected):
+    assert stage_config_from_dict(data).uses_labels is expected
+
+
+def test_pipeline_templates_are_parsed_once_and_typed():
+    import dataclasses
+
+    from medcl.config.pipeline import PipelineConfig
+
+    cfg = build(PipelineConfig, {"name": "x", "dataset": {"path": "d"}, "methods": {},
+                                 "stages": {"g": {"kind": "global_pretrain", "lr": 1}, "f": {"kind": "seg_finetune"}}})
+    assert cfg.stage("g") == GlobalPretrainConfig(lr=1.0) and cfg.stage("f") == SegFinetuneConfig()
+    assert cfg.stage("g") is cfg.stage("g")  # the same object every time: no re-parsing per job
+    assert cfg.stages["g"] == {"kind": "global_pretrain", "lr": 1}  # the file's form stays
+    copy = dataclasses.replace(cfg, stages={"g": {"kind": "cls_pretrain"}})
+    assert copy.stage("g") == stage_config_from_dict({"kind": "cls_pretrain"})  # a copy parses its own
+    bad = dataclasses.replace(cfg, stages={"g": {"kind": "global_pretrain", "lr": 0}})
+    with pytest.raises(ConfigError, match=r"stages\.g\.lr: must be > 0, got 0\.0"):
+        bad.stage("g")
+    with pytest.raises(ValueError, match=r"label_fractions must be in \(0, 1\], got \[0\.0, 2\.0\]"):
+        dataclasses.replace(cfg, label_fractions=[0.5, 0.0, 2.0])
