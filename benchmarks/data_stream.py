@@ -66,7 +66,8 @@ def _epoch_rates(epochs: int, run_epoch) -> list[tuple[int, float]]:
 
 
 def bench_ray(dataset: Path, fraction: float, epochs: int, batch_size: int, in_data: bool):
-    from medcl.data.ray_datasets import labelled_slices, torch_batches
+    from medcl.data.collate import torch_batches
+    from medcl.data.streams import labelled_slices
 
     joint = JointTransform()
     t = time.perf_counter()

@@ -22,6 +22,10 @@ for ``IntensityView``, ``gamma=(1, 1)`` (gamma acts on values clipped at 0).
 Performance note: on a CPU shared with other processes, torch intra-op threads make each
 of the many small batched ops wait for a free core; run augmentation with
 ``torch.set_num_threads(1)`` per process (Ray tasks already do).
+
+Size (~470 lines, over the ~400 guideline): the batched ops are private to the three views and
+:class:`JointTransform` that compose them, and splitting them out would make them a public API
+with no other user.
 """
 from __future__ import annotations
 

@@ -4,7 +4,10 @@
 lists (stray files in the directory are ignored) with optional column
 selection and row filter. :func:`decode_images` / :func:`decode_masks` turn
 rows (a pyarrow Table/RecordBatch, a Ray Data numpy batch or a DataFrame) into
-float32 ``[N, C, H, W]`` images and int64 ``[N, H, W]`` masks.
+float32 ``[N, C, H, W]`` images and int64 ``[N, H, W]`` masks;
+:func:`decode_shard_batch` decodes whole shard rows to the batch contract of
+:mod:`medcl.data.streams` (Ray Data runs it in its tasks: this module imports
+numpy and pyarrow only, no torch).
 """
 from __future__ import annotations
 
@@ -22,7 +25,9 @@ import pyarrow.parquet as pq
 from medcl.data.manifest import read_manifest
 from medcl.data.schema import BAG_SCHEMA, IGNORE_INDEX, SHARD_SCHEMA
 
-__all__ = ["read_shards_table", "read_bags_table", "decode_images", "decode_masks"]
+__all__ = ["read_shards_table", "read_bags_table", "decode_images", "decode_masks", "decode_shard_batch"]
+
+_STRING_KEYS = ("patient_id", "volume_id", "site")
 
 
 def _dataset(root: Path, files: Sequence[str], schema: pa.Schema) -> pads.Dataset:
@@ -151,3 +156,46 @@ def decode_masks(batch: Any) -> np.ndarray:
                 out[i] = r.reshape(h, w)
     return out
 
+
+def decode_shard_batch(table: pa.Table, *, with_mask: bool = False,
+                       with_class_labels: bool = False) -> dict[str, np.ndarray]:
+    """Decode a batch of shard rows (a ``pa.Table`` in ``SHARD_SCHEMA``) to the batch contract.
+
+    All rows of a batch must share one ``image_shape`` (:func:`decode_images`). Rows without a
+    mask get an all ``IGNORE_INDEX`` mask; rows without ``class_label`` get -1; rows without
+    ``class_labels`` get zeros.
+
+    Args:
+        table: n shard rows (at least ``image``, ``image_shape``, ``patient_id``, ``volume_id``,
+            ``slice_index``, ``slice_position``, ``site``, ``class_label``; ``mask`` /
+            ``class_labels`` when requested).
+        with_mask: also decode ``mask`` -> int64 ``(n, H, W)``.
+        with_class_labels: also decode ``class_labels`` -> float32 ``(n, K)``.
+
+    Returns:
+        Dict of numpy arrays, the batch contract of :mod:`medcl.data.streams`.
+
+    Raises:
+        ValueError: mixed image shapes, or flattened sizes that do not match ``image_shape``.
+    """
+    out: dict[str, np.ndarray] = {
+        "image": decode_images(table),
+        "slice_position": table.column("slice_position").to_numpy().astype(np.float32),
+        "slice_index": table.column("slice_index").to_numpy().astype(np.int64),
+        "class_label": table.column("class_label").fill_null(-1).to_numpy().astype(np.int64),
+    }
+    for key in _STRING_KEYS:
+        out[key] = np.asarray(table.column(key).to_pylist(), dtype=object)
+    if with_mask:
+        out["mask"] = decode_masks(table)
+    if with_class_labels:
+        column = table.column("class_labels").combine_chunks()
+        valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        k = values.size // max(int(valid.sum()), 1)
+        if values.size != int(valid.sum()) * k:
+            raise ValueError(f"class_labels rows differ in length ({values.size} values, {int(valid.sum())} rows)")
+        labels = np.zeros((table.num_rows, k), dtype=np.float32)
+        labels[valid] = values.reshape(-1, k)
+        out["class_labels"] = labels
+    return out

@@ -1,85 +1,60 @@
-"""Ingest entry point and what every source shares.
+"""Ingest entry point: one function per source kind, chosen from an explicit table.
 
-``ingest(source_kind, source, out_dir, options)`` dispatches to one function
-per source kind:
+``ingest(source_kind, source, out_dir, options)`` dispatches through :data:`SOURCES`:
 
-============  ==========================================  ==========================
-kind          function                                    source
-============  ==========================================  ==========================
-"msd"         :func:`medcl.data.msd.ingest_msd`            Decathlon task folder
-"medmnist"    :func:`medcl.data.medmnist.ingest_medmnist`  MedMNIST ``.npz`` file
-"folder"      :func:`medcl.data.image_folder.ingest_image_folder`  CSV of image paths
-"synthetic"   :func:`medcl.data.synthetic.ingest_synthetic`  none (generated)
-============  ==========================================  ==========================
+============  =========================================================  ==========================
+kind          function                                                   source
+============  =========================================================  ==========================
+"msd"         :func:`medcl.data.sources.msd.ingest_msd`                  Decathlon task folder
+"medmnist"    :func:`medcl.data.sources.medmnist.ingest_medmnist`        MedMNIST ``.npz`` file
+"folder"      :func:`medcl.data.sources.image_folder.ingest_image_folder`  CSV of image paths
+"synthetic"   :func:`medcl.data.sources.synthetic.ingest_synthetic`      none (generated)
+============  =========================================================  ==========================
 
-Every bad input raises one :class:`IngestError` (a ``ValueError``) naming the
-file, option or value, and leaves no partial output: the dataset is built in
-a staging directory that is removed on error, and an old dataset at
-``out_dir`` stays intact. Also here: the resizing and intensity-normalisation
-helpers the sources use, and :func:`run_ingest`, the fingerprint-and-write step.
+Every bad input raises one :class:`~medcl.data.sources.common.IngestError` (a
+``ValueError``) naming the file, option or value, and leaves no partial output:
+the dataset is built in a staging directory that is removed on error, and an
+old dataset at ``out_dir`` stays intact. The helpers the sources share live in
+:mod:`medcl.data.sources.common`; the sources never import this module.
 """
 from __future__ import annotations
 
 import inspect
-import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
+from medcl.data.manifest import Manifest
+from medcl.data.sources.common import IngestError
+from medcl.data.sources.image_folder import ingest_image_folder
+from medcl.data.sources.medmnist import ingest_medmnist
+from medcl.data.sources.msd import ingest_msd
+from medcl.data.sources.synthetic import ingest_synthetic
 
-from medcl.data.manifest import Manifest, source_fingerprint
-from medcl.data.shards import ImageBlock, write_dataset
+__all__ = ["SOURCES", "SOURCE_KINDS", "ingest", "ingest_options"]
 
-__all__ = [
-    "IngestError",
-    "SOURCE_KINDS",
-    "NORMALISATIONS",
-    "ingest",
-    "ingest_options",
-    "run_ingest",
-    "resize_images",
-    "resize_masks",
-    "normalise",
-    "check_int",
-    "check_choice",
-]
-
-logger = logging.getLogger(__name__)
-
-SOURCE_KINDS = ("msd", "medmnist", "folder", "synthetic")
-
-#: Intensity normalisations: name -> description written to the manifest.
-NORMALISATIONS = {
-    "percentile": "clip to the 0.5th-99.5th percentile, then scale linearly to [0, 1]",
-    "minmax": "scale linearly from [min, max] to [0, 1]",
-    "zscore": "subtract the mean and divide by the standard deviation",
-    "none": "intensities kept as stored",
+#: Source kind -> ingest function (its keyword-only arguments are the kind's options).
+SOURCES: dict[str, Callable[..., Manifest]] = {
+    "msd": ingest_msd,
+    "medmnist": ingest_medmnist,
+    "folder": ingest_image_folder,
+    "synthetic": ingest_synthetic,
 }
-
-
-class IngestError(ValueError):
-    """Bad ingest input (file, option or value); the message names it."""
+SOURCE_KINDS = tuple(SOURCES)
 
 
 def _function(kind: str) -> Callable[..., Manifest]:
-    # Imported here: the source modules import this one for IngestError and the helpers.
-    if kind == "msd":
-        from medcl.data.msd import ingest_msd as fn
-    elif kind == "medmnist":
-        from medcl.data.medmnist import ingest_medmnist as fn
-    elif kind == "folder":
-        from medcl.data.image_folder import ingest_image_folder as fn
-    elif kind == "synthetic":
-        from medcl.data.synthetic import ingest_synthetic as fn
-    else:
+    if kind not in SOURCES:
         raise IngestError(f"source_kind={kind!r} is not one of {SOURCE_KINDS}")
-    return fn
+    return SOURCES[kind]
 
 
 def ingest_options(source_kind: str) -> dict[str, Any]:
-    """The options a source kind accepts, with their defaults (for CLI help and validation)."""
+    """The options a source kind accepts, with their defaults (for CLI help and validation).
+
+    Raises:
+        IngestError: unknown ``source_kind``.
+    """
     sig = inspect.signature(_function(source_kind))
     return {n: p.default for n, p in sig.parameters.items()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and n != "force"}
@@ -121,147 +96,3 @@ def ingest(
     if source is None:
         raise IngestError(f"source_kind={source_kind!r} needs a source path")
     return fn(source, out_dir, **opts, force=force)
-
-
-def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
-    """``value`` as an int within bounds, else :class:`IngestError` naming the option."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise IngestError(f"{name}={value!r} must be an int")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        raise IngestError(f"{name}={value!r} must lie in [{minimum}, {maximum if maximum is not None else 'inf'}]")
-    return int(value)
-
-
-def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
-    """``value`` if it is one of ``choices``, else :class:`IngestError` naming the option."""
-    choices = list(choices)
-    if value not in choices:
-        raise IngestError(f"{name}={value!r} must be one of {choices}")
-    return value
-
-
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize (antialiased when shrinking) to ``size x size``.
-
-    Args:
-        images: Shape: (N, C, h, w).
-        size: Output height and width.
-
-    Returns:
-        float32 array. Shape: (N, C, size, size).
-    """
-    x = np.ascontiguousarray(images, dtype=np.float32)
-    if x.shape[-2:] == (size, size) or x.shape[0] == 0:
-        return x
-    import torch
-    import torch.nn.functional as F
-
-    with torch.no_grad():
-        # Antialiasing only changes anything when shrinking; its kernel is slower, so skip it otherwise.
-        shrink = x.shape[-2] > size or x.shape[-1] > size
-        y = F.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=shrink)
-    return y.numpy()
-
-
-def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resize ("nearest-exact": pixel centres) of class-index masks.
-
-    Args:
-        masks: Integer class indices. Shape: (N, h, w).
-        size: Output height and width.
-
-    Returns:
-        int64 array with only values present in ``masks``. Shape: (N, size, size).
-    """
-    m = np.asarray(masks)
-    if m.shape[-2:] == (size, size) or m.shape[0] == 0:
-        return m.astype(np.int64)
-    h, w = m.shape[-2:]
-    # out[i] = in[floor((i + 0.5) * h / size)]: torch's "nearest-exact", done as an index gather.
-    rows = np.minimum(((np.arange(size) + 0.5) * (h / size)).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(size) + 0.5) * (w / size)).astype(np.int64), w - 1)
-    return m[:, rows][:, :, cols].astype(np.int64)
-
-
-def normalise(x: np.ndarray, method: str, axes: tuple[int, ...] | None = None) -> np.ndarray:
-    """Normalise intensities with one of :data:`NORMALISATIONS`, statistics taken over ``axes``.
-
-    Args:
-        x: Finite intensities, any shape.
-        method: Key of :data:`NORMALISATIONS`.
-        axes: Axes the statistics are reduced over (default: all), e.g. the
-            spatial axes of a volume for per-channel statistics.
-
-    Returns:
-        float32 array of the same shape. A constant input maps to 0.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    if method == "none":
-        return x
-    if method == "zscore":
-        mean = x.mean(axis=axes, keepdims=True)
-        std = x.std(axis=axes, keepdims=True)
-        return ((x - mean) / np.where(std > 0, std, 1)).astype(np.float32)
-    if method == "percentile":
-        lo, hi = np.percentile(x, [0.5, 99.5], axis=axes, keepdims=True)
-        x = np.clip(x, lo, hi)
-    elif method == "minmax":
-        lo, hi = x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True)
-    else:
-        raise IngestError(f"normalisation={method!r} must be one of {sorted(NORMALISATIONS)}")
-    span = hi - lo
-    return ((x - lo) / np.where(span > 0, span, 1)).astype(np.float32)
-
-
-def run_ingest(
-    kind: str,
-    source_path: str | os.PathLike | None,
-    out_dir: str | os.PathLike,
-    options: Mapping[str, Any],
-    files: Sequence[Path],
-    root: Path | None,
-    blocks: Iterable[ImageBlock],
-    *,
-    force: bool,
-    **manifest_fields: Any,
-) -> Manifest:
-    """Fingerprint the source, then write the dataset unless ``out_dir`` is already up to date.
-
-    Args:
-        kind: Source kind.
-        source_path: Source path recorded in the manifest.
-        out_dir: Dataset directory.
-        options: Resolved options (defaults filled in), recorded and fingerprinted.
-        files: Every source file the ingest reads (paths, sizes and mtimes are fingerprinted).
-        root: Directory the file paths are made relative to.
-        blocks: Lazy iterable of rows; only consumed when a write is needed.
-        force: Rewrite even if up to date.
-        **manifest_fields: Passed to :func:`medcl.data.shards.write_dataset`
-            (task, label_map, class_names, normalisation, split_*, extras, rows_per_shard).
-
-    Raises:
-        IngestError: any ValueError raised while writing, re-raised naming ``out_dir``.
-    """
-    fingerprint = source_fingerprint(kind, options, root, files)
-    source = {"kind": kind, "path": None if source_path is None else str(Path(source_path).absolute()),
-              "options": _jsonable(options)}
-    try:
-        return write_dataset(out_dir, blocks, source=source, fingerprint=fingerprint, force=force,
-                             **manifest_fields)
-    except IngestError:
-        raise
-    except ValueError as e:
-        raise IngestError(f"{kind} ingest into {str(out_dir)!r}: {e}") from e
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, os.PathLike):
-        return str(value)
-    return value

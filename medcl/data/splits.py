@@ -93,6 +93,9 @@ def split_patients(patient_ids: Iterable[str], ratios: Sequence[float] = (0.5, 0
 def patients_by_split(dataset: str | os.PathLike | Manifest) -> dict[str, list[str]]:
     """Sorted patient ids of each split of a dataset, read from its ``bags.parquet``.
 
+    The one listing of a split's patients: the labelled subsets here and the
+    streams of :mod:`medcl.data.streams` draw from it.
+
     Args:
         dataset: Dataset directory, or a :class:`Manifest` from :func:`read_manifest`.
     """

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from skimage import io
 
-from medcl.data.ingest import IngestError, ingest
+from medcl.data.ingest import ingest
 from medcl.data.manifest import read_manifest, verify_checksums
+from medcl.data.sources.common import IngestError
 from medcl.data.splits import labelled_patients
 
 SHAPE = (6, 7, 5)

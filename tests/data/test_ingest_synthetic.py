@@ -7,8 +7,9 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from medcl.data.decode import decode_images, decode_masks, read_bags_table, read_shards_table
-from medcl.data.ingest import IngestError, ingest
-from medcl.data.synthetic import generate_synthetic
+from medcl.data.ingest import ingest
+from medcl.data.sources.common import IngestError
+from medcl.data.sources.synthetic import generate_synthetic
 
 SMALL = {"num_patients": 12, "images_per_patient": 8, "size": 32}
 

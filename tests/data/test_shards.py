@@ -12,8 +12,10 @@ import pytest
 
 from medcl.data import shards as shards_module
 from medcl.data.decode import decode_images, decode_masks, read_bags_table, read_shards_table
+from medcl.data.image_block import ImageBlock
 from medcl.data.manifest import Manifest, ManifestError, read_manifest, verify_checksums
-from medcl.data.shards import ImageBlock, write_dataset
+from medcl.data.schema import SHARD_SCHEMA
+from medcl.data.shards import write_dataset
 
 RNG = np.random.default_rng(123)
 # Three patients: p0 a 3-slice volume with masks, p1 two views without masks, p2 one multi-label image.
@@ -244,5 +246,5 @@ def test_read_manifest_errors_name_the_file(tmp_path, dataset):
 
 def test_image_block_record_batch_matches_schema():
     batch = next(_blocks()).to_record_batch()
-    assert batch.schema == shards_module.SHARD_SCHEMA
+    assert batch.schema == SHARD_SCHEMA
     assert batch.num_rows == 3 and isinstance(batch.column(batch.schema.get_field_index("image")), pa.ListArray)

@@ -14,7 +14,7 @@ from medcl.data.splits import (
     split_patients,
     unlabelled_patients,
 )
-from medcl.data.synthetic import ingest_synthetic
+from medcl.data.sources.synthetic import ingest_synthetic
 
 PATIENTS = [f"hippocampus_{i:03d}" for i in range(260)]
 FRACTIONS = (0.05, 0.1, 0.2, 0.5, 1.0)

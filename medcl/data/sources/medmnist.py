@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medcl.data.ingest import IngestError, check_choice, check_int, resize_images, run_ingest
+from medcl.data.image_block import ImageBlock
 from medcl.data.manifest import Manifest
 from medcl.data.schema import SPLITS
-from medcl.data.shards import ImageBlock
+from medcl.data.sources.common import IngestError, check_choice, check_int, resize_images, run_ingest
 
 __all__ = ["ingest_medmnist"]
 

@@ -1,8 +1,9 @@
-"""Ray Data streams over a medcl dataset directory (shards + bags), decoded to the batch contract.
+"""Driver side of the Ray Data streams over a dataset directory (shards + bags), decoded to the batch contract.
 
 Every stream is ``ray.data.read_parquet`` of the directory's ``shard-*.parquet`` (or
 ``bags.parquet``) with the split/patient/site filters and the column selection pushed into the
-Parquet read, then one vectorised decode (``map_batches(batch_format="pyarrow")``) to:
+Parquet read, then one vectorised decode (``map_batches(batch_format="pyarrow")`` of
+:func:`medcl.data.decode.decode_shard_batch`) to:
 
     image float32 (B, C, H, W); mask int64 (B, H, W), -1 = ignore (masked streams only);
     class_label int64 (B,), -1 = none; class_labels float32 (B, K) (multi-label datasets only);
@@ -14,68 +15,55 @@ that point in ``map_batches`` on CPU tasks, so every epoch sees fresh random vie
 OS entropy per batch: Ray Data augmentation is not reproducible; augment on the worker with a
 ``torch.Generator`` when it must be; on a 2-core machine it was also faster, see
 ``benchmarks/data_stream.py``). Bags are streamed as rows; MICLe/partition sampling runs
-in the worker's ``collate_fn`` (``MiclePairCollate``, ``PartitionCollate``).
+in the worker's ``collate_fn`` (:mod:`medcl.data.collate`, which also iterates the streams as
+torch batches: ``torch_batches``).
 
-Ray's default ``iter_torch_batches()`` (no ``collate_fn``) raises ``TypeError`` on the str
-columns: iterate with ``torch_batches`` (``TensorCollate``: numeric columns become tensors on the
-device, ids stay numpy str arrays). In a Ray Train worker::
-
-    shard = ray.train.get_dataset_shard("train")
-    for batch in torch_batches(shard, batch_size=32):          # dict of tensors (+ str arrays)
-        ...
-    for batch in torch_batches(bags_shard, 16, collate_fn=MiclePairCollate(seed=0)):
-        z_a, z_b = model(view(batch["image_a"])), model(view(batch["image_b"]))
+Stages declare their streams as :class:`StreamSpec`; :func:`build_streams` builds each distinct
+one once.
 """
 from __future__ import annotations
 
 import glob
 import logging
 import os
-import threading
-from dataclasses import dataclass
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
-from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.expressions import col
 
-from medcl.data.decode import decode_images, decode_masks
+from medcl.data.collate import tensor_from_numpy
+from medcl.data.decode import decode_shard_batch
 from medcl.data.manifest import read_manifest
 from medcl.data.schema import BAGS_NAME, IGNORE_INDEX, MANIFEST_NAME, SHARD_GLOB, SPLITS
+from medcl.data.splits import labelled_patients, patients_by_split, unlabelled_patients
 
-if TYPE_CHECKING:
-    import torch
-
-# torch (and the torch-based augment/bags modules) are imported inside the functions that need
-# them: Ray Data ships ``decode_shard_batch`` to fresh worker processes, and importing torch
-# there costs seconds per worker for a function that only needs numpy and pyarrow.
+# torch (and the torch-based augment module) are imported inside the functions that need them:
+# Ray Data ships this module's functions to fresh worker processes, and importing torch there
+# costs seconds per worker for functions that only need numpy and pyarrow.
 
 __all__ = [
     "shard_paths",
-    "decode_shard_batch",
     "train_images",
     "labelled_slices",
     "labelled_images",
+    "partially_labelled_slices",
     "has_shifted_site",
     "patient_bags",
     "eval_slices",
-    "TensorCollate",
-    "MiclePairCollate",
-    "PartitionCollate",
-    "torch_batches",
+    "StreamSpec",
+    "build_streams",
 ]
 
 logger = logging.getLogger(__name__)
 
 _BASE_COLUMNS = ["patient_id", "volume_id", "slice_index", "slice_position", "site", "image", "image_shape",
                  "class_label"]
-_STRING_KEYS = ("patient_id", "volume_id", "site")
 
 
 # --------------------------------------------------------------------------- files
@@ -128,64 +116,7 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
-def _split_patients(paths: list[str], split: str) -> list[str]:
-    table = pads.dataset(paths, format="parquet").to_table(columns=["patient_id"], filter=pc.field("split") == split)
-    return sorted(set(table.column("patient_id").to_pylist()))
-
-
-# --------------------------------------------------------------------------- decode
-def decode_shard_batch(table: pa.Table, *, with_mask: bool = False,
-                       with_class_labels: bool = False) -> dict[str, np.ndarray]:
-    """Decode a batch of shard rows (a ``pa.Table`` in ``SHARD_SCHEMA``) to the batch contract.
-
-    All rows of a batch must share one ``image_shape`` (``shards.decode_images``). Rows without a
-    mask get an all ``IGNORE_INDEX`` mask; rows without ``class_label`` get -1; rows without
-    ``class_labels`` get zeros.
-
-    Args:
-        table: n shard rows (at least ``image``, ``image_shape``, ``patient_id``, ``volume_id``,
-            ``slice_index``, ``slice_position``, ``site``, ``class_label``; ``mask`` /
-            ``class_labels`` when requested).
-        with_mask: also decode ``mask`` -> int64 ``(n, H, W)``.
-        with_class_labels: also decode ``class_labels`` -> float32 ``(n, K)``.
-
-    Returns:
-        Dict of numpy arrays as in the module docstring.
-
-    Raises:
-        ValueError: mixed image shapes, or flattened sizes that do not match ``image_shape``.
-    """
-    out: dict[str, np.ndarray] = {
-        "image": decode_images(table),
-        "slice_position": table.column("slice_position").to_numpy().astype(np.float32),
-        "slice_index": table.column("slice_index").to_numpy().astype(np.int64),
-        "class_label": table.column("class_label").fill_null(-1).to_numpy().astype(np.int64),
-    }
-    for key in _STRING_KEYS:
-        out[key] = np.asarray(table.column(key).to_pylist(), dtype=object)
-    if with_mask:
-        out["mask"] = decode_masks(table)
-    if with_class_labels:
-        column = table.column("class_labels").combine_chunks()
-        valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-        values = column.flatten().to_numpy(zero_copy_only=False)
-        k = values.size // max(int(valid.sum()), 1)
-        if values.size != int(valid.sum()) * k:
-            raise ValueError(f"class_labels rows differ in length ({values.size} values, {int(valid.sum())} rows)")
-        labels = np.zeros((table.num_rows, k), dtype=np.float32)
-        labels[valid] = values.reshape(-1, k)
-        out["class_labels"] = labels
-    return out
-
-
 # --------------------------------------------------------------------------- augmentation in Ray Data
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    """Tensor sharing memory with ``array`` when it is writable and contiguous (else from a copy)."""
-    import torch
-
-    return torch.from_numpy(np.require(array, requirements=["C", "W"]))
-
-
 class _AugmentBatch:
     """``map_batches`` function applying a view, ``ViewPair`` or ``JointTransform`` to numpy batches.
 
@@ -204,13 +135,13 @@ class _AugmentBatch:
         from medcl.data.augment import JointTransform, ViewPair
 
         gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        image = _tensor(batch["image"])
+        image = tensor_from_numpy(batch["image"])
         out = dict(batch)
         with torch.no_grad():
             if isinstance(self.transform, JointTransform):
                 if "mask" not in batch:
                     raise ValueError("augment=JointTransform needs a masked stream (batch has no 'mask')")
-                img, mask = self.transform(image, _tensor(batch["mask"]), gen)
+                img, mask = self.transform(image, tensor_from_numpy(batch["mask"]), gen)
                 out["image"], out["mask"] = img.numpy(), mask.numpy()
             elif isinstance(self.transform, ViewPair):
                 a, b = self.transform(image, gen)
@@ -289,13 +220,11 @@ def labelled_slices(dataset_dir: str | os.PathLike, fraction: float, seed: int, 
         materialize: materialise the decoded rows once.
         augment_batch_size: rows per augmentation task batch.
     """
-    from medcl.data.splits import labelled_patients
-
     _check_split(split)
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     paths = shard_paths(dataset_dir)
-    patients = sorted(labelled_patients(_split_patients(paths, split), fraction, seed))
+    patients = sorted(labelled_patients(patients_by_split(dataset_dir)[split], fraction, seed))
     if not patients:
         raise ValueError(f"no labelled patients for split={split!r}, fraction={fraction!r} "
                          f"in {os.fspath(dataset_dir)!r}")
@@ -319,13 +248,13 @@ def labelled_images(dataset_dir: str | os.PathLike, fraction: float, seed: int, 
 
 
 class _HideMasks:
-    """Sets every mask pixel of the rows of patients outside ``keep`` to ``IGNORE_INDEX``."""
+    """Sets every mask pixel of the rows of the patients in ``hide`` to ``IGNORE_INDEX``."""
 
-    def __init__(self, keep: list[str]) -> None:
-        self.keep = np.asarray(sorted(keep))
+    def __init__(self, hide: list[str]) -> None:
+        self.hide = np.asarray(sorted(hide))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        hidden = ~np.isin(batch["patient_id"], self.keep)
+        hidden = np.isin(batch["patient_id"], self.hide)
         if hidden.any():
             batch["mask"] = np.array(batch["mask"], copy=True)
             batch["mask"][hidden] = IGNORE_INDEX
@@ -338,15 +267,14 @@ def partially_labelled_slices(dataset_dir: str | os.PathLike, fraction: float, s
 
     For local pretraining that mixes the supervised loss (labelled pixels) with
     the self-supervised one (slices of unlabelled patients). The labelled
-    patients are the same as ``labelled_slices`` with the same fraction and seed.
+    patients are the same as ``labelled_slices`` with the same fraction and seed; the masks of
+    the others (``splits.unlabelled_patients``) are hidden.
     """
-    from medcl.data.splits import labelled_patients
-
     _check_split(split)
     paths = shard_paths(dataset_dir)
-    keep = labelled_patients(_split_patients(paths, split), fraction, seed)
+    hide = unlabelled_patients(patients_by_split(dataset_dir)[split], fraction, seed)
     ds = _shard_stream(paths, col("split") == split, with_mask=True, with_class_labels=False)
-    ds = ds.map_batches(_HideMasks(keep), batch_format="numpy", batch_size=None)
+    ds = ds.map_batches(_HideMasks(hide), batch_format="numpy", batch_size=None)
     what = f"partially_labelled_slices({os.fspath(dataset_dir)!r}, fraction={fraction!r}, split={split!r})"
     return _finish(ds, what, materialize=materialize, augment=None, augment_batch_size=64)
 
@@ -394,123 +322,6 @@ def patient_bags(dataset_dir: str | os.PathLike, split: str = "train", *, materi
     columns = ["patient_id", "site", "num_images", "volume_ids", "slice_positions", "images", "image_shape"]
     ds = ray.data.read_parquet(_bags_path(dataset_dir)).filter(expr=col("split") == split).select_columns(columns)
     return ds.materialize() if materialize else ds
-
-
-# --------------------------------------------------------------------------- worker side
-def _resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"``: the Ray Train worker's device (CPU outside a training function)."""
-    import torch
-
-    if isinstance(device, str) and device == "auto":
-        from ray.train.torch import get_device
-
-        try:
-            device = get_device()
-        except RuntimeError:  # not inside a Ray Train training function
-            return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:  # collate runs on Ray's fetch threads: pin the index
-        device = torch.device("cuda", torch.cuda.current_device())
-    return device
-
-
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    import torch
-
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.to(device, non_blocking=True)
-        elif isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-            out[key] = _tensor(value).to(device, non_blocking=True)
-        else:
-            out[key] = np.asarray(value)
-    return out
-
-
-class TensorCollate(NumpyBatchCollateFn):
-    """Numeric columns -> torch tensors on ``device``; string columns stay numpy str arrays."""
-
-    def __init__(self, device: str | torch.device = "cpu") -> None:
-        self.device = _resolve_device(device)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        return _to_device(batch, self.device)
-
-
-class _SamplingCollate(NumpyBatchCollateFn):
-    def __init__(self, seed: Any = None, device: str | torch.device = "cpu") -> None:
-        self.rng = np.random.default_rng(seed)
-        self.lock = threading.Lock()  # Ray calls collate_fn from several threads
-        self.device = _resolve_device(device)
-
-
-class MiclePairCollate(_SamplingCollate):
-    """``collate_fn`` for bag streams: ``sample_micle_pairs`` (two different images per bag).
-
-    Args:
-        seed: seed of the pair choice, anything ``numpy.random.default_rng`` takes (e.g.
-            ``[seed, rank]`` for one stream per worker; None: OS entropy).
-        device: where the tensors go (``"auto"``: the Ray Train device).
-    """
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from medcl.data.bags import sample_micle_pairs
-
-        with self.lock:
-            out = sample_micle_pairs(batch, self.rng)
-        return _to_device(out, self.device)
-
-
-class PartitionCollate(_SamplingCollate):
-    """``collate_fn`` for bag streams: ``sample_partitions`` (one slice per volume partition).
-
-    Args:
-        num_partitions: S partitions per volume.
-        seed: seed of the slice choice, as for ``MiclePairCollate``.
-        device: where the tensors go (``"auto"``: the Ray Train device).
-    """
-
-    def __init__(self, num_partitions: int = 4, seed: Any = None, device: str | torch.device = "cpu") -> None:
-        if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
-            raise ValueError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
-        super().__init__(seed, device)
-        self.num_partitions = num_partitions
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from medcl.data.bags import sample_partitions
-
-        with self.lock:
-            out = sample_partitions(batch, self.num_partitions, self.rng)
-        return _to_device(out, self.device)
-
-
-def torch_batches(shard: Any, batch_size: int, *, collate_fn: NumpyBatchCollateFn | None = None,
-                  device: str | torch.device = "auto", drop_last: bool = False,
-                  local_shuffle_buffer_size: int | None = None, local_shuffle_seed: int | None = None,
-                  prefetch_batches: int = 1):
-    """Iterate a Ray dataset shard (``ray.train.get_dataset_shard(...)``) or Dataset as torch batches.
-
-    Args:
-        shard: a ``DataIterator`` or ``Dataset``.
-        batch_size: rows (bags for bag streams) per batch, >= 1.
-        collate_fn: a ``NumpyBatchCollateFn`` (default ``TensorCollate(device)``).
-        device: target device of the default collate (``"auto"``: the Ray Train device, else CPU).
-        drop_last: drop a last incomplete batch (keep workers in step under DDP).
-        local_shuffle_buffer_size: rows of the local shuffle buffer (None: no shuffle).
-        local_shuffle_seed: seed of the local shuffle.
-        prefetch_batches: batches fetched ahead.
-
-    Returns:
-        An iterable of dicts: tensors for numeric columns, numpy str arrays for id columns.
-    """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if collate_fn is None:
-        collate_fn = TensorCollate(device)
-    return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate_fn, drop_last=drop_last,
-                                    local_shuffle_buffer_size=local_shuffle_buffer_size,
-                                    local_shuffle_seed=local_shuffle_seed, prefetch_batches=prefetch_batches)
 
 
 # --------------------------------------------------------------------------- stream specs

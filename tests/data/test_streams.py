@@ -1,4 +1,5 @@
-"""Tests of medcl.data.ray_datasets on a tiny dataset, checked against a direct pyarrow read."""
+"""Tests of medcl.data.streams (and its batches through medcl.data.collate) on a tiny dataset, checked against a
+direct pyarrow read."""
 from __future__ import annotations
 
 import uuid
@@ -7,9 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from medcl.data import ray_datasets as rd
+from medcl.data import streams
 from medcl.data.augment import JointTransform, make_views
-from medcl.data.shards import ImageBlock, write_dataset
+from medcl.data.collate import MiclePairCollate, PartitionCollate, torch_batches
+from medcl.data.image_block import ImageBlock
+from medcl.data.shards import write_dataset
 from medcl.data.splits import labelled_patients
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(180)]
@@ -57,12 +60,12 @@ def reference(dataset_dir):
 @pytest.fixture(scope="module")
 def train_ds(ray_session, dataset_dir):
     """The materialised training-image stream, shared by the tests that only read it."""
-    return rd.train_images(dataset_dir)
+    return streams.train_images(dataset_dir)
 
 
 @pytest.fixture(scope="module")
 def bags_ds(ray_session, dataset_dir):
-    return rd.patient_bags(dataset_dir)
+    return streams.patient_bags(dataset_dir)
 
 
 def _rows(ds) -> dict[tuple[str, int], dict]:
@@ -89,7 +92,7 @@ def test_train_images_rows_and_decoding(train_ds, reference):
 def test_labelled_slices_only_labelled_training_patients(ray_session, reference, dataset_dir):
     labelled = set(labelled_patients(dataset_dir, 0.75, seed=1))
     assert len(labelled) == 3
-    got = _rows(rd.labelled_slices(dataset_dir, 0.75, seed=1))
+    got = _rows(streams.labelled_slices(dataset_dir, 0.75, seed=1))
     expected = {k for k, r in reference.items()
                 if r["split"] == "train" and r["patient_id"] in labelled and r["mask"] is not None}
     assert set(got) == expected and expected
@@ -102,9 +105,9 @@ def test_labelled_slices_only_labelled_training_patients(ray_session, reference,
 
 def test_labelled_slices_with_joint_augment(ray_session, reference, dataset_dir):
     # materialize=False: read, decode and augment in one streaming execution.
-    ds = rd.labelled_slices(dataset_dir, 1.0, seed=0, augment=JointTransform(degrees=30.0), materialize=False)
+    ds = streams.labelled_slices(dataset_dir, 1.0, seed=0, augment=JointTransform(degrees=30.0), materialize=False)
     n = 0
-    for batch in rd.torch_batches(ds, batch_size=5, device="cpu"):
+    for batch in torch_batches(ds, batch_size=5, device="cpu"):
         assert batch["image"].shape[1:] == (1, HW, HW) and batch["mask"].shape[1:] == (HW, HW)
         assert set(batch["mask"].unique().tolist()) <= {-1, 0, 1, 2}
         assert batch["patient_id"].dtype == object
@@ -114,21 +117,39 @@ def test_labelled_slices_with_joint_augment(ray_session, reference, dataset_dir)
 
 def test_labelled_images_for_classification(ray_session, reference, dataset_dir):
     """Classification fine-tuning: every labelled training image with a class label, masks or not."""
-    got = _rows(rd.labelled_images(dataset_dir, 1.0, seed=0))
+    got = _rows(streams.labelled_images(dataset_dir, 1.0, seed=0))
     assert set(got) == {k for k, r in reference.items() if r["split"] == "train"}
     assert any(p in NO_MASK for p, _ in got)
     for key, row in got.items():
         assert row["class_label"] == reference[key]["class_label"] and "mask" not in row
 
 
+def test_partially_labelled_slices_hide_the_unlabelled_patients_masks(ray_session, reference, dataset_dir):
+    """Local pretraining with loss "both": every training slice, masks kept only for the labelled patients."""
+    labelled = set(labelled_patients(dataset_dir, 0.5, seed=2))
+    assert len(labelled) == 2
+    got = _rows(streams.partially_labelled_slices(dataset_dir, 0.5, seed=2))
+    assert set(got) == {k for k, r in reference.items() if r["split"] == "train"}
+    hidden_with_mask = 0
+    for key, row in got.items():
+        ref = reference[key]
+        np.testing.assert_array_equal(row["image"], ref["image"])
+        if key[0] in labelled and ref["mask"] is not None:
+            np.testing.assert_array_equal(row["mask"], ref["mask"])
+        else:
+            assert row["mask"].shape == (HW, HW) and (row["mask"] == -1).all()
+            hidden_with_mask += ref["mask"] is not None
+    assert hidden_with_mask > 0  # some unlabelled patient's real mask was hidden
+
+
 def test_has_shifted_site(dataset_dir):
-    assert rd.has_shifted_site(dataset_dir)
-    assert not rd.has_shifted_site(dataset_dir, split="val")
-    assert not rd.has_shifted_site(dataset_dir, site="C")
+    assert streams.has_shifted_site(dataset_dir)
+    assert not streams.has_shifted_site(dataset_dir, split="val")
+    assert not streams.has_shifted_site(dataset_dir, site="C")
 
 
 def test_eval_slices_site_filter_and_volume_order(ray_session, reference, dataset_dir):
-    got = _rows(rd.eval_slices(dataset_dir, "test", site="B"))
+    got = _rows(streams.eval_slices(dataset_dir, "test", site="B"))
     assert set(got) == {k for k, r in reference.items() if r["split"] == "test" and r["site"] == "B"}
     assert {p for p, _ in got} == {"p6"}
     volume = np.stack([got[("p6", k)]["mask"] for k in range(len(got))])  # 3D stack for 3D Dice
@@ -139,7 +160,7 @@ def test_patient_bags_micle_and_partitions(bags_ds, reference):
     bags = bags_ds
     assert bags.count() == 4
     seen = []
-    for batch in rd.torch_batches(bags, batch_size=3, collate_fn=rd.MiclePairCollate(seed=0)):
+    for batch in torch_batches(bags, batch_size=3, collate_fn=MiclePairCollate(seed=0)):
         for i, pid in enumerate(batch["patient_id"]):
             seen.append(pid)
             a, b = int(batch["index_a"][i]), int(batch["index_b"][i])
@@ -147,33 +168,29 @@ def test_patient_bags_micle_and_partitions(bags_ds, reference):
             np.testing.assert_array_equal(batch["image_a"][i].numpy(), reference[(pid, a)]["image"])
             np.testing.assert_array_equal(batch["image_b"][i].numpy(), reference[(pid, b)]["image"])
     assert sorted(seen) == ["p0", "p1", "p2", "p3"]
-    for batch in rd.torch_batches(bags, batch_size=4, collate_fn=rd.PartitionCollate(num_partitions=2, seed=0)):
+    for batch in torch_batches(bags, batch_size=4, collate_fn=PartitionCollate(num_partitions=2, seed=0)):
         assert batch["group_id"].tolist() == [0, 1] * 4
         assert ((batch["slice_position"] * 2).floor().long() == batch["group_id"]).all()
 
 
 def test_train_images_with_views(ray_session, dataset_dir):
-    ds = rd.train_images(dataset_dir, augment=make_views("intensity"), materialize=False)
-    batch = next(iter(rd.torch_batches(ds, batch_size=4, device="cpu")))
+    ds = streams.train_images(dataset_dir, augment=make_views("intensity"), materialize=False)
+    batch = next(iter(torch_batches(ds, batch_size=4, device="cpu")))
     assert "image" not in batch and batch["image_a"].shape == batch["image_b"].shape == (4, 1, HW, HW)
     assert not np.allclose(batch["image_a"].numpy(), batch["image_b"].numpy())
 
 
 def test_validation_errors(tmp_path, dataset_dir):
     with pytest.raises(ValueError, match="holds no shard-"):
-        rd.shard_paths(tmp_path)
+        streams.shard_paths(tmp_path)
     with pytest.raises(ValueError, match="is not a directory"):
-        rd.shard_paths(tmp_path / "missing")
+        streams.shard_paths(tmp_path / "missing")
     with pytest.raises(ValueError, match=r"split must be one of \('train', 'val', 'test'\), got 'tran'"):
-        rd.train_images(dataset_dir, split="tran")
+        streams.train_images(dataset_dir, split="tran")
     with pytest.raises(ValueError, match=r"target must be one of .*got 'masks'"):
-        rd.labelled_slices(dataset_dir, 0.5, 0, target="masks")
+        streams.labelled_slices(dataset_dir, 0.5, 0, target="masks")
     with pytest.raises(ValueError, match="fraction"):
-        rd.labelled_slices(dataset_dir, 0.0, 0)
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
-        rd.torch_batches(None, 0)
-    with pytest.raises(ValueError, match="num_partitions must be an integer >= 1"):
-        rd.PartitionCollate(num_partitions=0)
+        streams.labelled_slices(dataset_dir, 0.0, 0)
 
 
 def test_torch_trainer_two_workers_see_every_row_once(train_ds, bags_ds, tmp_path, reference):
@@ -184,7 +201,7 @@ def test_torch_trainer_two_workers_see_every_row_once(train_ds, bags_ds, tmp_pat
         import ray.train
         import torch.distributed as dist
 
-        from medcl.data.ray_datasets import MiclePairCollate, torch_batches
+        from medcl.data.collate import MiclePairCollate, torch_batches
 
         rows = sum(len(b["patient_id"]) for b in torch_batches(ray.train.get_dataset_shard("train"), batch_size=4))
         bags = sum(len(b["patient_id"]) for b in torch_batches(ray.train.get_dataset_shard("bags"), batch_size=2,
@@ -214,5 +231,5 @@ def test_streams_keep_the_shards_row_order_on_every_build(ray_session, dataset_d
     expected = [(r["patient_id"], r["slice_index"]) for r in pq.read_table(paths).to_pylist()
                 if r["split"] == "train"]
     for _ in range(4):
-        rows = rd.train_images(dataset_dir).select_columns(["patient_id", "slice_index"]).take_all()
+        rows = streams.train_images(dataset_dir).select_columns(["patient_id", "slice_index"]).take_all()
         assert [(r["patient_id"], r["slice_index"]) for r in rows] == expected

@@ -29,10 +29,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from medcl.data.ingest import IngestError, check_int, run_ingest
+from medcl.data.image_block import ImageBlock
 from medcl.data.manifest import Manifest
 from medcl.data.schema import SPLITS
-from medcl.data.shards import ImageBlock
+from medcl.data.sources.common import IngestError, check_int, run_ingest
 from medcl.data.splits import check_split_ratios, split_patients
 
 __all__ = ["generate_synthetic", "ingest_synthetic", "SYNTHETIC_CLASS_NAMES"]

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medcl.data.ingest import (
+from medcl.data.image_block import ImageBlock
+from medcl.data.manifest import Manifest
+from medcl.data.schema import SPLITS
+from medcl.data.sources.common import (
     NORMALISATIONS,
     IngestError,
     check_choice,
@@ -30,9 +33,6 @@ from medcl.data.ingest import (
     resize_masks,
     run_ingest,
 )
-from medcl.data.manifest import Manifest
-from medcl.data.schema import SPLITS
-from medcl.data.shards import ImageBlock
 from medcl.data.splits import check_split_ratios, split_patients
 
 __all__ = ["ingest_msd"]
@@ -163,7 +163,7 @@ def ingest_msd(
         size: Slices are resized to ``size x size``.
         axis: Spatial axis (0, 1, 2 or -1..-3) the volumes are sliced along.
         normalisation: Per-volume, per-channel intensity normalisation, a key of
-            :data:`~medcl.data.ingest.NORMALISATIONS` (default "percentile").
+            :data:`~medcl.data.sources.common.NORMALISATIONS` (default "percentile").
         min_foreground_pixels: Keep only slices with at least this many label > 0
             pixels after resizing (0 keeps every slice, as the paper does).
         split_ratios: (train, val, test) patient fractions (paper: 50/25/25).

@@ -25,7 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from medcl.data.ingest import (
+from medcl.data.image_block import ImageBlock
+from medcl.data.manifest import Manifest
+from medcl.data.schema import IGNORE_INDEX, SPLITS
+from medcl.data.sources.common import (
     NORMALISATIONS,
     IngestError,
     check_choice,
@@ -35,9 +38,6 @@ from medcl.data.ingest import (
     resize_masks,
     run_ingest,
 )
-from medcl.data.manifest import Manifest
-from medcl.data.schema import IGNORE_INDEX, SPLITS
-from medcl.data.shards import ImageBlock
 from medcl.data.splits import check_split_ratios, split_patients
 
 __all__ = ["ingest_image_folder"]
