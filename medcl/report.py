@@ -14,11 +14,12 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -106,9 +107,16 @@ def _split_columns(table: pd.DataFrame) -> tuple[list[str], str]:
     return cols[:-4], cols[-4]
 
 
-def _atomic_target(path: Path) -> Path:
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed to ``path`` when the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def plot_label_efficiency(table: pd.DataFrame, metric: str, path: str | os.PathLike[str]) -> Path:
@@ -162,12 +170,8 @@ def plot_label_efficiency(table: pd.DataFrame, metric: str, path: str | os.PathL
     ax.grid(True, alpha=0.3)
     ax.legend(title=", ".join(groups) or None)
     fig.tight_layout()
-    tmp = _atomic_target(path)
-    try:
+    with _atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -202,12 +206,8 @@ def write_report(
     out_dir = Path(out_dir)
     stem = "label_efficiency_" + (re.sub(r"[^\w.\-]+", "_", metric).strip("._") or "metric")
     csv_path, png_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
-    tmp = _atomic_target(csv_path)
-    try:
+    with _atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
-        os.replace(tmp, csv_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     plot_label_efficiency(table, metric, png_path)
     run = tracking.RunLogger(target, parent_run_id)
     run.log_artifact(csv_path, artifact_path="report")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 import pickle
 import signal
@@ -16,9 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medcl import tracking
 from medcl.tracking import (
-    NullLogger,
     RunLogger,
     TrackingError,
     attach_run_logger,
@@ -29,9 +28,11 @@ from medcl.tracking import (
     end_parent_run,
     find_parent_run,
     finish_run,
-    get_run_logger,
+    log_new_metrics,
     log_text,
     parent_run_id,
+    reopen_run,
+    run_role,
     search_runs,
     start_parent_run,
 )
@@ -150,13 +151,15 @@ def test_artifact_kinds_land_in_the_run_directory(workdir, embedded, tmp_path):
 
     figure = Figure()
     figure.add_subplot().plot([0, 1], [1, 0])
+    figure.savefig(tmp_path / "curve.png", format="png")
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "model.pt").write_bytes(b"\x00" * 10)
     parent = start_parent_run(embedded, "artifacts")
     with child_run(embedded, parent, "trial") as run:
-        run.log_dict({"lr": 0.001, "stages": ("global", "local"), "data": tmp_path}, "config/resolved.yaml")
-        run.log_figure(figure, "plots/curve.png")
+        run.log_text(yaml.safe_dump({"lr": 0.001, "stages": ["global", "local"], "data": str(tmp_path)}),
+                     "config/resolved.yaml")
+        run.log_artifact(tmp_path / "curve.png", artifact_path="plots")
         run.log_artifact(folder, artifact_path="best")
         run.set_tags({"best": {"epoch": 7}, "long": "t" * 9000})
     end_parent_run(embedded, parent)
@@ -187,6 +190,43 @@ def test_resume_reuses_unfinished_child_only(embedded):
     with child_run(embedded, parent, "trial-b", resume=False) as b2:
         pass
     assert b1.run_id != b2.run_id
+
+
+def test_child_run_final_metrics_and_tracking_errors(embedded, monkeypatch):
+    client = embedded.client()
+    parent = start_parent_run(embedded, "final-metrics", tags={"medcl.role": "sweep"})
+    with child_run(embedded, parent, "stage", tags={"medcl.role": "stage"}) as run:
+        for epoch in range(2):
+            run.log_metrics({"val/dice": 0.5 + 0.1 * epoch}, step=epoch)
+        run.final_metrics = {"val/dice": 0.9, "test": {"dice": 0.8}, "checkpoint_dir_name": "ckpt",
+                             "done": True, "epoch": 1}
+    got = client.get_run(run.run_id)
+    assert got.info.status == "FINISHED"
+    assert got.data.metrics == pytest.approx({"val/dice": 0.6, "test.dice": 0.8, "epoch": 1.0})
+    assert len(client.get_metric_history(run.run_id, "val/dice")) == 2  # the loop's history is kept as it is
+
+    def store_down(self, status="FINISHED"):
+        raise ConnectionError("store down")
+
+    with monkeypatch.context() as mp:  # the training error is raised, not the tracking error
+        mp.setattr(RunLogger, "end", store_down)
+        with pytest.raises(RuntimeError, match="training diverged"):
+            with child_run(embedded, parent, "diverged") as diverged:
+                raise RuntimeError("training diverged")
+    assert client.get_run(diverged.run_id).info.status == "RUNNING"  # left for end_parent_run to close
+    with pytest.raises(ValueError, match=r"invalid MLflow key 'bad\|key'"):
+        with child_run(embedded, parent, "bad-final") as bad:
+            bad.final_metrics = {"bad|key": 1.0}
+    assert client.get_run(bad.run_id).info.status == "FAILED"
+
+    assert run_role(embedded, parent) == "sweep" and run_role(embedded, run.run_id) == "stage"
+    assert run_role(embedded, bad.run_id) == "child"
+    reopen_run(embedded, run.run_id)
+    assert client.get_run(run.run_id).info.status == "RUNNING"
+    log_new_metrics(embedded, run.run_id, {"test": {"dice": 0.1}, "stage/test/dice": 0.7, "note": "text"})
+    assert client.get_run(run.run_id).data.metrics == pytest.approx(
+        {"val/dice": 0.6, "test.dice": 0.8, "epoch": 1.0, "stage/test/dice": 0.7})
+    assert sorted(end_parent_run(embedded, parent)) == sorted([diverged.run_id, run.run_id])
 
 
 def test_pipeline_api_resumes_parent_and_children(embedded):
@@ -271,17 +311,21 @@ def test_child_run_in_fresh_process_with_telemetry_off(embedded):
     end_parent_run(embedded, parent)
 
 
-def test_rank_loggers(embedded):
+def test_rank_zero_logger_logs_from_rank_zero_only(embedded):
+    """What a stage loop gets: a logger on rank 0 when the stage has a run, else None (nothing logged)."""
+    from types import SimpleNamespace
+
+    from medcl.train.tracking_hook import rank_zero_logger
+
     parent = start_parent_run(embedded, "ranks")
-    assert isinstance(get_run_logger(embedded, parent, rank=0), RunLogger)
-    null = get_run_logger(embedded, parent, rank=1)
-    assert isinstance(null, NullLogger) and isinstance(get_run_logger(None, None), NullLogger)
-    null.log_params({"a": 1})
-    null.log_metrics({"m": 1.0}, step=2)
-    null.log_artifact("/does/not/exist")
-    null.end("FAILED")
-    run = embedded.client().get_run(parent)
-    assert run.data.params == {} and run.data.metrics == {} and run.info.status == "RUNNING"
+    tracking = {"tracking_uri": embedded.tracking_uri, "run_id": parent}
+    rank0 = rank_zero_logger(SimpleNamespace(is_rank_zero=True), SimpleNamespace(tracking=tracking))
+    assert isinstance(rank0, RunLogger) and (rank0.tracking_uri, rank0.run_id) == (embedded.tracking_uri, parent)
+    assert rank_zero_logger(SimpleNamespace(is_rank_zero=False), SimpleNamespace(tracking=tracking)) is None
+    assert rank_zero_logger(SimpleNamespace(is_rank_zero=True), SimpleNamespace(tracking=None)) is None
+    rank0.log_metrics({"m": 1.0}, step=2)
+    assert [(m.step, m.value) for m in embedded.client().get_metric_history(parent, "m")] == [(2, 1.0)]
+    end_parent_run(embedded, parent)
 
 
 def test_input_errors(embedded, tmp_path):
@@ -379,7 +423,7 @@ def test_server_roundtrip(mlflow_server, tmp_path):
         with child_run(target, parent, f"trial-{i}", params={"method": method, "label_fraction": 0.1}) as run:
             run.log_metrics({"test/dice": 0.6 + 0.1 * i}, step=0)
             run.log_artifact(config_file, artifact_path="config")
-            run.log_dict({"seed": i}, "resolved.json")
+            run.log_text(json.dumps({"seed": i}), "resolved.json")
             child_ids.append(run.run_id)
     end_parent_run(target, parent)
 
@@ -388,7 +432,7 @@ def test_server_roundtrip(mlflow_server, tmp_path):
     assert df.loc["trial-1", "params.method"] == "global+local"
     assert df.loc["trial-1", "metrics.test/dice"] == pytest.approx(0.7)
     assert set(df["status"]) == {"FINISHED"}
-    client = tracking._client(uri)
+    client = target.client()
     assert client.get_run(parent).data.params == {"protocol": "hippocampus"}
     for run_id in child_ids:
         assert sorted(f.path for f in client.list_artifacts(run_id)) == ["config", "resolved.json"]
