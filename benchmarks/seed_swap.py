@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         parser.error(f"--dataset {args.dataset}: no manifest.json (ingest Task04_Hippocampus first)")
     torch.set_num_threads(1)
 
-    from medcl.pipeline_config import load_pipeline
+    from medcl.config.pipeline import load_pipeline
 
     cfg = load_pipeline(REPO / "pipelines" / "hippocampus.yaml", smoke=True).stage("finetune")
     cfg = dataclasses.replace(cfg, label_fraction=args.fraction)
@@ -66,15 +66,16 @@ def main(argv=None) -> int:
     if args.init_only:
         return 0
 
-    from medcl.config import ScalingSpec
-    from medcl.ray_session import init_ray
-    from medcl.train import seg_finetune
-    from medcl.train.driver import build_streams, run_stage
+    from medcl.config.stages import ScalingSpec
+    from medcl.runner.session import init_ray
+    from medcl.data.streams import build_streams
+    from medcl.train.driver import STAGES, run_stage
 
     dataset = str(Path(args.dataset).resolve())
     init_ray(num_cpus=2)
     # the subset comes from the streams built with --subset-seed; the stage itself runs with --init-seed
-    streams = build_streams(seg_finetune.datasets(dataclasses.replace(cfg, seed=args.subset_seed), dataset))
+    subset_cfg = dataclasses.replace(cfg, seed=args.subset_seed)
+    streams = build_streams(STAGES["seg_finetune"].datasets(subset_cfg, dataset))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as storage:
         result = run_stage(dataclasses.replace(cfg, seed=args.init_seed), dataset, streams=streams,

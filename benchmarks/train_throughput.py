@@ -85,7 +85,7 @@ def trainer_run(dataset: str, cfg, threads: int, storage: str, use_gpu: bool = F
     import mlflow  # noqa: F401  (imported here so its import time is not counted as start-up)
 
     from medcl import tracking as mlt
-    from medcl.config import ScalingSpec
+    from medcl.config.stages import ScalingSpec
     from medcl.train.driver import run_stage
 
     target = mlt.configure_tracking(experiment="bench-throughput", workdir=storage)
@@ -118,8 +118,8 @@ def main(argv=None) -> int:
     if args.use_gpu and not torch.cuda.is_available():
         parser.error("--use-gpu: torch sees no CUDA device")
 
-    from medcl.config import GlobalPretrainConfig, UNetSpec
-    from medcl.ray_session import init_ray
+    from medcl.config.stages import GlobalPretrainConfig, UNetSpec
+    from medcl.runner.session import init_ray
 
     dataset = make_dataset(args)
     widths = (16, 32, 64, 128, 256) if args.unet == "cpu" else (64, 128, 256, 512, 1024)

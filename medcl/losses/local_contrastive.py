@@ -223,31 +223,8 @@ def supervised_local_contrastive(
     return _zero_loss(features) if loss is None else loss
 
 
-def dense_local_contrastive(
-    features: torch.Tensor, temperature: float = 0.1, *, chunk_size: int | None = None
-) -> torch.Tensor:
-    """Self-supervised dense local contrastive loss (methods 2a).
-
-    The positive of pixel (b, v, i, j) is (b, 1-v, i, j); every other pixel of
-    both views and all images is a negative; mean over all N = B*2*H*W anchors:
-    ``l_n = -s(f_n, f_pos)/tau + log sum_{m != n} exp(s(f_n, f_m)/tau)``.
-
-    Args:
-        features: Pixel embeddings of two pixel-aligned views (L2-normalised here,
-            along C). Shape: (B, 2, C, H, W).
-        temperature: tau > 0.
-        chunk_size: Anchor rows per chunk (None: chunks of about 8 MiB of similarities, 128 MiB on GPU).
-
-    Returns:
-        Scalar float32 loss.
-
-    Raises:
-        TypeError: for a non-tensor or non-float ``features``.
-        ValueError: for a bad shape or temperature.
-    """
-    temperature = check_temperature(temperature)
-    _check_settings("exact", 1, 1, -1, chunk_size)
-    _check_features(features)
+def _dense_exact(features: torch.Tensor, temperature: float, chunk_size: int | None) -> torch.Tensor:
+    """Loss 2a over every pixel of ``features`` (B, 2, C, H, W)."""
     with float32_math(features.device):
         f = F.normalize(upcast(features), dim=2)
         pos = (f[:, 0] * f[:, 1]).sum(1)  # (B, H, W): s(view 0, view 1) per pixel
@@ -255,6 +232,60 @@ def dense_local_contrastive(
         idx = torch.arange(flat.shape[0], device=flat.device)
         lse = segment_logsumexp(flat, flat, idx, 1.0 / temperature, chunk_size=chunk_size)
         return lse.mean() - pos.mean() / temperature
+
+
+def dense_local_contrastive(
+    features: torch.Tensor,
+    temperature: float = 0.1,
+    *,
+    mode: str = "exact",
+    stride: int = 4,
+    block_size: int = 32,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Self-supervised dense local contrastive loss (methods 2a).
+
+    The positive of pixel (b, v, i, j) is (b, 1-v, i, j); every other pixel of
+    both views and all images is a negative; mean over all N = B*2*H*W anchors:
+    ``l_n = -s(f_n, f_pos)/tau + log sum_{m != n} exp(s(f_n, f_m)/tau)``.
+    ``mode``, ``stride`` and ``block_size`` make it affordable exactly as in
+    :func:`supervised_local_contrastive` (every block has anchors here, so the
+    block mode is the plain mean of the block losses).
+
+    Args:
+        features: Pixel embeddings of two pixel-aligned views (L2-normalised here,
+            along C). Shape: (B, 2, C, H, W).
+        temperature: tau > 0.
+        mode: "exact" (all pixels), "stride" (the loss on ``f[..., ::stride, ::stride]``)
+            or "block" (the loss within each non-overlapping ``block_size`` square,
+            borders beyond a multiple of ``block_size`` dropped; mean over blocks).
+        stride: Subsampling step of mode "stride", >= 1 (1 equals "exact").
+        block_size: Block side of mode "block", 1 <= block_size <= min(H, W).
+        chunk_size: Anchor rows per chunk (None: chunks of about 8 MiB of similarities, 128 MiB on GPU).
+
+    Returns:
+        Scalar float32 loss (float64 for float64 input).
+
+    Raises:
+        TypeError: for a non-tensor or non-float ``features``.
+        ValueError: for a bad shape or setting (the message names the argument).
+
+    Example:
+        >>> f = torch.randn(4, 2, 128, 64, 64)
+        >>> loss = dense_local_contrastive(f, temperature=0.1, mode="block", block_size=32)
+    """
+    temperature = check_temperature(temperature)
+    _check_settings(mode, stride, block_size, -1, chunk_size)
+    _, _, h, w = _check_features(features)
+    if mode == "stride":
+        return _dense_exact(features[..., ::stride, ::stride], temperature, chunk_size)
+    if mode == "block":
+        b = block_size
+        if b > min(h, w):
+            raise ValueError(f"block_size={b} exceeds the feature map H x W = {h} x {w}")
+        blocks = [features[..., i:i + b, j:j + b] for i in range(0, h // b * b, b) for j in range(0, w // b * b, b)]
+        return torch.stack([_dense_exact(block, temperature, chunk_size) for block in blocks]).mean()
+    return _dense_exact(features, temperature, chunk_size)
 
 
 class SupervisedLocalContrastiveLoss(nn.Module):
@@ -308,18 +339,26 @@ class DenseLocalContrastiveLoss(nn.Module):
 
     Args:
         temperature: tau > 0.
+        mode: "exact", "stride" or "block".
+        stride: Subsampling step of mode "stride", >= 1.
+        block_size: Block side of mode "block", >= 1.
         chunk_size: Anchor rows per chunk, None for automatic.
+
+    Raises:
+        TypeError / ValueError: for an invalid setting, naming it.
     """
 
-    def __init__(self, temperature: float = 0.1, chunk_size: int | None = None) -> None:
+    def __init__(self, temperature: float = 0.1, mode: str = "exact", stride: int = 4, block_size: int = 32,
+                 chunk_size: int | None = None) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
-        _check_settings("exact", 1, 1, -1, chunk_size)
-        self.chunk_size = chunk_size
+        _check_settings(mode, stride, block_size, -1, chunk_size)
+        self.mode, self.stride, self.block_size, self.chunk_size = mode, stride, block_size, chunk_size
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Features (B, 2, C, H, W) -> scalar loss."""
-        return dense_local_contrastive(features, self.temperature, chunk_size=self.chunk_size)
+        return dense_local_contrastive(features, self.temperature, mode=self.mode, stride=self.stride,
+                                       block_size=self.block_size, chunk_size=self.chunk_size)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, mode={self.mode!r}, stride={self.stride}, block_size={self.block_size}"

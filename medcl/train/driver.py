@@ -7,30 +7,26 @@ calling process of a Ray Tune trial (one CPU worker, no worker-group start-up).
 """
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
-from medcl.config import ScalingSpec, StageConfig, stage_config_from_dict, to_dict
-from medcl.train import cls_finetune, cls_pretrain, global_pretrain, local_pretrain, seg_finetune
-from medcl.data.ray_datasets import build_streams
-from medcl.pipeline_config import resolve_storage
-from medcl.train.loop import StageInputs, steps_per_epoch
+from medcl.config.stages import ScalingSpec, StageConfig, stage_config_from_dict
+from medcl.config.binder import to_dict
+from medcl.data.streams import build_streams
+from medcl.storage import resolve_storage
+from medcl.train.loop import StageInputs, run_loop, steps_per_epoch
+from medcl.train.stages import STAGES
+
+if TYPE_CHECKING:
+    from medcl.train.context import StageContext, TuneTrialContext
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STAGES", "StageResult", "run_stage", "run_stage_inline", "stage_inputs", "train_loop_per_worker"]
-
-STAGES: dict[str, types.ModuleType] = {
-    "global_pretrain": global_pretrain,
-    "local_pretrain": local_pretrain,
-    "seg_finetune": seg_finetune,
-    "cls_pretrain": cls_pretrain,
-    "cls_finetune": cls_finetune,
-}
+__all__ = ["STAGES", "StageResult", "run_loop", "run_stage", "run_stage_inline", "stage_inputs",
+           "train_loop_per_worker"]
 
 _CLASSIFICATION = ("cls_pretrain", "cls_finetune")
 
@@ -74,24 +70,32 @@ def _loop_config(cfg: StageConfig, inputs: StageInputs) -> dict[str, Any]:
     return {"stage": to_dict(cfg), "inputs": asdict(inputs)}
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
-    """``TorchTrainer`` entry: rebuild the typed config and run the stage's loop on this worker."""
+def train_loop_per_worker(loop_config: dict[str, Any],
+                          context: Callable[[], StageContext] | None = None) -> dict[str, float]:
+    """``TorchTrainer`` entry: rebuild the typed config and run the stage's loop on this worker.
+
+    ``context`` builds the worker's :class:`StageContext` (default ``RayTrainContext``).
+    """
     from medcl.train.context import RayTrainContext
 
     cfg = stage_config_from_dict(loop_config["stage"])
     inputs = StageInputs(**loop_config["inputs"])
-    return STAGES[cfg.kind].run(RayTrainContext(), cfg, inputs)
+    return run_loop((context or RayTrainContext)(), cfg, inputs)
 
 
 def run_stage(cfg: StageConfig, dataset_dir: str | Path, *, scaling: ScalingSpec = ScalingSpec(),
               storage_path: str | Path, name: str, tracking: dict | None = None,
-              callbacks: list | None = None, streams: dict[str, Any] | None = None) -> StageResult:
+              callbacks: list | None = None, streams: dict[str, Any] | None = None,
+              worker_context: Callable[[], StageContext] | None = None) -> StageResult:
     """Run one stage on a ``TorchTrainer`` with ``scaling.num_workers`` workers.
 
     Starting again with the same ``storage_path`` and ``name`` resumes the run
     from its latest checkpoint; a worker failure restarts the group from the
     latest checkpoint up to ``scaling.max_failures`` times. ``streams``: the
     stage's datasets when the caller built them already (``build_streams``).
+    ``worker_context``: builds each worker's :class:`StageContext` instead of
+    ``RayTrainContext`` (a subclass of it, e.g. one that injects a failure); it
+    is pickled to the workers, so define it where cloudpickle copies it by value.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -104,8 +108,11 @@ def run_stage(cfg: StageConfig, dataset_dir: str | Path, *, scaling: ScalingSpec
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
+    loop = train_loop_per_worker
+    if worker_context is not None:
+        loop = functools.partial(train_loop_per_worker, context=worker_context)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        loop,
         train_loop_config=_loop_config(cfg, inputs),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=resources),
@@ -115,8 +122,6 @@ def run_stage(cfg: StageConfig, dataset_dir: str | Path, *, scaling: ScalingSpec
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
-            # medcl's own settings (MEDCL_*) reach the workers as Ray's RAY_TRAIN_* ones do.
-            worker_runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("MEDCL_")}},
         ),
         datasets=streams,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -128,11 +133,14 @@ def run_stage(cfg: StageConfig, dataset_dir: str | Path, *, scaling: ScalingSpec
 
 
 def run_stage_inline(cfg: StageConfig, dataset_dir: str | Path, *, use_gpu: bool = False,
-                     tracking: dict | None = None, streams: dict[str, Any] | None = None) -> dict[str, float]:
+                     tracking: dict | None = None, streams: dict[str, Any] | None = None,
+                     context: TuneTrialContext | None = None) -> dict[str, float]:
     """Run one stage in this process, inside a Ray Tune function trainable.
 
     Reports and checkpoints go through ``ray.tune``; a restarted or restored
     trial resumes from its latest checkpoint. Returns the last metrics.
+    ``context``: the caller's own ``TuneTrialContext`` (subclass) over ``streams``
+    instead of a plain one.
     """
     from medcl.train.context import TuneTrialContext
 
@@ -140,5 +148,5 @@ def run_stage_inline(cfg: StageConfig, dataset_dir: str | Path, *, use_gpu: bool
     if streams is None:
         streams = build_streams(STAGES[cfg.kind].datasets(cfg, dataset_dir))
     inputs = stage_inputs(cfg, dataset_dir, streams, 1, amp=use_gpu, tracking=tracking)
-    ctx = TuneTrialContext(streams, use_gpu=use_gpu)
-    return STAGES[cfg.kind].run(ctx, cfg, inputs)
+    ctx = context if context is not None else TuneTrialContext(streams, use_gpu=use_gpu)
+    return run_loop(ctx, cfg, inputs)

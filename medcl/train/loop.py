@@ -1,14 +1,14 @@
-"""The epoch loop every stage shares: resume, optimise, report, checkpoint, evaluate.
+"""The loop every stage shares: set-up, resume, optimise, report, checkpoint, evaluate.
 
-A stage supplies a model, its optimiser and a ``loss_fn(batch) -> (loss, logs)``;
-this module does the rest the same way for every stage, on one process or on
-N Ray Train workers.
+:func:`run_loop` runs one stage on this worker: it takes the stage kind's
+:class:`~medcl.train.stage.Stage` (its network, ``init_from`` parts, loss,
+batch collation, evaluation) and does the rest the same way for every kind,
+on one process or on N Ray Train workers.
 """
 from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -16,16 +16,63 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from medcl.train.checkpoints import load_checkpoint, save_checkpoint
+from medcl.train.checkpoints import load_checkpoint, load_model_weights, save_checkpoint
 from medcl.train.context import StageContext, temporary_checkpoint_dir
-from medcl.train.runtime import autocast_context, unwrap
+from medcl.train.runtime import autocast_context, prepare_model_for_device, seed_everything, unwrap
 from medcl.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fit", "build_optimizer", "mean_across_ranks", "StageInputs", "epoch_batches", "steps_per_epoch"]
+__all__ = ["run_loop", "fit", "build_optimizer", "mean_across_ranks", "StageInputs", "epoch_batches",
+           "steps_per_epoch"]
 
 LossFn = Callable[[Any], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+def run_loop(ctx: StageContext, cfg: Any, inputs: StageInputs) -> dict[str, float]:
+    """Run the stage ``cfg.kind`` on this worker; returns the last epoch's metrics.
+
+    The set-up order fixes every random draw of a run (and the optimiser's
+    parameter order), so it is the same for every kind: seed -> build the
+    network -> load ``init_from`` parts -> trainable part -> device / DDP ->
+    optimiser and schedule -> loss (views) -> batches -> rank-0 logger -> :func:`fit`,
+    evaluating on ``"test"`` (and ``"test_shifted"``) after the last epoch when
+    the stage evaluates.
+
+    Args:
+        ctx: Where the loop runs (Ray Train worker, Tune trial, or a test's context).
+        cfg: The stage config; ``cfg.kind`` picks the stage.
+        inputs: What the driver derived (channels, classes, steps per epoch, tracking).
+
+    Returns:
+        The last epoch's metrics (with evaluation metrics on rank 0).
+    """
+    from medcl.train.stages import STAGES
+    from medcl.train.tracking_hook import rank_zero_logger
+
+    stage = STAGES[cfg.kind]
+    generator = seed_everything(cfg.seed, ctx.world_rank)
+    network = stage.build(cfg, inputs)
+    if cfg.init_from is not None:
+        stage.load_init(network, load_model_weights(cfg.init_from))
+    net = prepare_model_for_device(stage.trainable(network, cfg), ctx.device, channels_last=inputs.amp)
+    net = ctx.prepare_model(net)
+    optimizer, scheduler = build_optimizer(net.parameters(), cfg, inputs.steps_per_epoch)
+    loss_fn = stage.loss(ctx, cfg, inputs, net, generator)
+
+    def batches(epoch: int):
+        return epoch_batches(ctx, cfg, epoch, collate_fn=stage.collate(ctx, cfg, epoch))
+
+    evaluate = None
+    if stage.evaluate is not None:
+        def evaluate(model: torch.nn.Module) -> dict[str, float]:
+            metrics = stage.evaluate(model, ctx.dataset("test"), ctx.device, inputs, "test")
+            if ctx.has_dataset("test_shifted"):
+                metrics.update(stage.evaluate(model, ctx.dataset("test_shifted"), ctx.device, inputs, "shifted"))
+            return metrics
+
+    return fit(ctx, cfg, net, optimizer, scheduler, batches, loss_fn, evaluate=evaluate,
+               run_logger=rank_zero_logger(ctx, inputs), amp=inputs.amp)
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any, steps_per_epoch: int):
@@ -108,7 +155,7 @@ def fit(
     Returns:
         The last epoch's metrics (with evaluation metrics on rank 0).
     """
-    from medcl.config import to_dict
+    from medcl.config.binder import to_dict
 
     start_epoch = 0
     with ctx.latest_checkpoint() as checkpoint:
@@ -119,7 +166,6 @@ def fit(
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.max_epochs):
         metrics = _train_epoch(ctx, model, batches(epoch), loss_fn, optimizer, scheduler, amp)
-        _fail_once_for_tests(ctx, epoch)
         metrics["epoch"] = float(epoch)
         metrics["max_epochs"] = float(cfg.max_epochs)
         last = epoch == cfg.max_epochs - 1
@@ -140,26 +186,6 @@ def fit(
     if start_epoch >= cfg.max_epochs and evaluate is not None and ctx.is_rank_zero:
         metrics = {"epoch": float(cfg.max_epochs - 1), **evaluate(unwrap(model))}
     return metrics
-
-
-#: Fault injection for the failure-and-resume tests (no effect unless both are set): with
-#: ``MEDCL_FAIL_ONCE_AT_EPOCH=<epoch>`` and ``MEDCL_FAIL_ONCE_MARKER=<file path>`` in the workers' environment
-#: (``run_stage`` passes ``MEDCL_*`` variables on to its workers), the worker of rank 1 (rank 0 when alone)
-#: raises ``RuntimeError`` after training that epoch, before reporting it: once, since it first creates the
-#: marker file (exclusively), and a restarted worker finds it there.
-FAIL_ONCE_AT_EPOCH_ENV = "MEDCL_FAIL_ONCE_AT_EPOCH"
-FAIL_ONCE_MARKER_ENV = "MEDCL_FAIL_ONCE_MARKER"
-
-
-def _fail_once_for_tests(ctx: StageContext, epoch: int) -> None:
-    at, marker = os.environ.get(FAIL_ONCE_AT_EPOCH_ENV), os.environ.get(FAIL_ONCE_MARKER_ENV)
-    if not at or not marker or int(at) != epoch or ctx.world_rank != min(1, ctx.world_size - 1):
-        return
-    try:
-        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    raise RuntimeError(f"injected failure ({FAIL_ONCE_AT_EPOCH_ENV}={at}) on rank {ctx.world_rank} at epoch {epoch}")
 
 
 def steps_per_epoch(num_rows: int, batch_size_per_worker: int, world_size: int, min_steps: int = 0,
@@ -209,7 +235,7 @@ def epoch_batches(ctx: StageContext, cfg: Any, epoch: int, name: str = "train", 
     it ends after that many steps (a step budget on a large set). Together they
     give every label fraction the same number of steps.
     """
-    from medcl.data.ray_datasets import torch_batches
+    from medcl.data.collate import torch_batches
 
     def one_pass(repeat: int):
         seed = ((cfg.seed * 100_003 + epoch) * 101 + ctx.world_rank) * 1009 + repeat

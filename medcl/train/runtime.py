@@ -1,11 +1,9 @@
 """Small process-level helpers shared by every training loop.
 
-Seeding, bf16 autocast, device placement, rank / world-size queries that fall
-back to a single process, and DDP unwrapping. Nothing here imports Ray: the
-rank helpers read ``torch.distributed``, which Ray Train's ``TorchTrainer``
-initialises on every worker before the training function starts (and which
-stays uninitialised in ``ScalingConfig(num_workers=0)`` local mode and in plain
-scripts, where the helpers answer rank 0 of 1).
+Seeding, bf16 autocast, device placement and DDP unwrapping. Nothing here
+imports Ray. A loop learns its rank and world size from its
+:class:`~medcl.train.context.StageContext`; the losses' gather helpers read
+``torch.distributed`` themselves (:mod:`medcl.losses._distributed`).
 """
 from __future__ import annotations
 
@@ -25,33 +23,11 @@ __all__ = [
     "seed_everything",
     "autocast_context",
     "prepare_model_for_device",
-    "rank",
-    "world_size",
-    "is_rank_zero",
     "unwrap",
 ]
 
 # numpy's legacy global seed must fit in 32 bits.
 _MAX_SEED = 2**32 - 1
-
-
-def _dist_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def rank() -> int:
-    """Global rank of this process: ``torch.distributed`` rank, or 0 without a process group."""
-    return torch.distributed.get_rank() if _dist_ready() else 0
-
-
-def world_size() -> int:
-    """Number of processes in the default group, or 1 without a process group."""
-    return torch.distributed.get_world_size() if _dist_ready() else 1
-
-
-def is_rank_zero() -> bool:
-    """True on the process that alone writes checkpoints, logs and progress."""
-    return rank() == 0
 
 
 def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
@@ -64,7 +40,7 @@ def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
 
     Args:
         seed: Base seed of the run, a non-negative int.
-        rank: Global rank of this process (``rank()``), a non-negative int.
+        rank: Global rank of this process (``StageContext.world_rank``), a non-negative int.
 
     Returns:
         A CPU ``torch.Generator`` seeded with ``seed + rank``, for samplers and

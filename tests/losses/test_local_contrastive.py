@@ -229,6 +229,54 @@ class TestDense:
         torch.testing.assert_close(DenseLocalContrastiveLoss(0.2)(f), dense_local_contrastive(f, 0.2))
         with pytest.raises(ValueError, match="temperature"):
             DenseLocalContrastiveLoss(temperature=0)
+        f, _ = _inputs(h=4, w=6, seed=23)
+        mod = DenseLocalContrastiveLoss(0.2, mode="block", block_size=2)
+        torch.testing.assert_close(mod(f), dense_local_contrastive(f, 0.2, mode="block", block_size=2))
+        assert "mode='block'" in repr(mod) and "block_size=2" in repr(mod)
+
+    @pytest.mark.parametrize("stride", [2, 3])
+    def test_stride_vs_hand_written_reference(self, stride):
+        f, _ = _inputs(b=2, c=3, h=5, w=7, seed=24)
+        rows, cols = list(range(0, 5, stride)), list(range(0, 7, stride))
+        kept = f[:, :, :, rows][..., cols]  # every stride-th pixel, picked by index
+        assert kept.shape[-2:] == (len(rows), len(cols))
+        _check(dense_local_contrastive(f, 0.1, mode="stride", stride=stride), ref_dense(kept, 0.1), f)
+
+    def test_stride_one_and_whole_map_block_equal_exact(self):
+        f, _ = _inputs(b=2, c=3, h=4, w=4, seed=25)
+        exact = dense_local_contrastive(f, 0.1)
+        assert torch.equal(dense_local_contrastive(f, 0.1, mode="stride", stride=1), exact)
+        assert torch.equal(dense_local_contrastive(f, 0.1, mode="block", block_size=4), exact)
+        _check(exact, ref_dense(f, 0.1), f)
+
+    def test_block_is_mean_of_block_losses_and_drops_the_border(self):
+        f, _ = _inputs(b=2, c=3, h=5, w=6, seed=26)  # 2 x 3 blocks of 2 x 2; row 4 dropped
+        blocks = [f[..., i:i + 2, j:j + 2] for i in (0, 2) for j in (0, 2, 4)]
+        ref = torch.stack([ref_dense(blk, 0.1) for blk in blocks]).mean()
+        loss = dense_local_contrastive(f, 0.1, mode="block", block_size=2, chunk_size=3)
+        _check(loss, ref, f)
+        grad = torch.autograd.grad(loss, f)[0]
+        assert torch.count_nonzero(grad[..., 4, :]) == 0 and torch.count_nonzero(grad[..., :4, :]) > 0  # border unused
+
+    @pytest.mark.parametrize(
+        "kwargs, match",
+        [
+            ({"mode": "fast"}, r"mode must be one of \('exact', 'stride', 'block'\), got 'fast'"),
+            ({"stride": 0}, "stride must be an int >= 1, got 0"),
+            ({"block_size": 0}, "block_size must be an int >= 1, got 0"),
+            ({"chunk_size": 0}, "chunk_size must be None or an int >= 1, got 0"),
+        ],
+    )
+    def test_settings(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            DenseLocalContrastiveLoss(**kwargs)
+        with pytest.raises(ValueError, match=match):
+            dense_local_contrastive(_inputs()[0], **kwargs)
+
+    def test_block_larger_than_image(self):
+        f, _ = _inputs(h=4, w=6)
+        with pytest.raises(ValueError, match=r"block_size=5 exceeds the feature map H x W = 4 x 6"):
+            dense_local_contrastive(f, mode="block", block_size=5)
 
 
 class TestValidation:

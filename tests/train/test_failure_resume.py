@@ -2,8 +2,8 @@
 
 One run, two phases (each worker-group start costs ~20 s, so they share one test):
 
-(a) ``max_epochs=3``; rank 1 raises once after training epoch 1 (the documented
-    ``MEDCL_FAIL_ONCE_AT_EPOCH`` hook of ``medcl.train.loop``);
+(a) ``max_epochs=3``; rank 1 raises once after training epoch 1, before reporting it
+    (:func:`_fail_once_context`, the workers' context passed to ``run_stage``);
     ``ScalingSpec(max_failures=1)`` restarts the worker group, which resumes from
     the epoch-0 checkpoint and finishes epochs 1-2 instead of starting over;
 (b) the same ``run_stage(storage_path, name)`` again with ``max_epochs=4``: the
@@ -35,6 +35,30 @@ def _lr_after(steps: int, total: int) -> float:
     return LR * 0.5 * (1.0 + math.cos(math.pi * steps / total))
 
 
+def _fail_once_context(at_epoch: int, marker: Path):
+    """A ``RayTrainContext`` whose rank 1 raises ``RuntimeError`` instead of reporting epoch ``at_epoch``.
+
+    Once per run: the worker first creates ``marker`` (exclusively), and a restarted worker finds it there.
+    Defined inside a function so that cloudpickle ships the class to the workers by value.
+    """
+    import os
+
+    from medcl.train.context import RayTrainContext
+
+    class FailOnce(RayTrainContext):
+        def report(self, metrics, checkpoint_dir=None):
+            if self.world_rank == 1 and int(metrics["epoch"]) == at_epoch:
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    pass
+                else:
+                    raise RuntimeError(f"injected failure on rank 1 at epoch {at_epoch}")
+            super().report(metrics, checkpoint_dir)
+
+    return FailOnce
+
+
 def test_worker_crash_resumes_from_the_latest_checkpoint_and_a_rerun_continues(ray_session, tmp_path, monkeypatch):
     from medcl.data.ingest import ingest
     from medcl.tracking import child_run_id, configure_tracking, parent_run_id
@@ -53,8 +77,6 @@ def test_worker_crash_resumes_from_the_latest_checkpoint_and_a_rerun_continues(r
                       key=lambda m: (m[2], m[0]))
 
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv("MEDCL_FAIL_ONCE_AT_EPOCH", "1")
-    monkeypatch.setenv("MEDCL_FAIL_ONCE_MARKER", str(marker))
     cfg = GlobalPretrainConfig(max_epochs=3, batch_size_per_worker=4, lr=LR, temperature=0.5,
                                model=UNetSpec(features=(8, 16, 32), norm="batch"))
     scaling = ScalingSpec(num_workers=2, cpus_per_worker=0.5, max_failures=1)
@@ -63,7 +85,8 @@ def test_worker_crash_resumes_from_the_latest_checkpoint_and_a_rerun_continues(r
     # (a) rank 1 fails once after epoch 1 -> the group restarts from the epoch-0 checkpoint
     run_a = child_run_id(target, parent, "a")
     first = run_stage(cfg, data, scaling=scaling, storage_path=storage, name="crash",
-                      tracking={"tracking_uri": target.tracking_uri, "run_id": run_a})
+                      tracking={"tracking_uri": target.tracking_uri, "run_id": run_a},
+                      worker_context=_fail_once_context(1, marker))
     assert marker.exists(), "the injected failure did not happen"
     failed_at_ms = marker.stat().st_mtime * 1000
     steps_per_epoch = int(first.metrics["train/steps"])
@@ -89,7 +112,6 @@ def test_worker_crash_resumes_from_the_latest_checkpoint_and_a_rerun_continues(r
     assert meta["epoch"] == 2 and meta["step"] == 3 * steps_per_epoch
 
     # (b) the same storage_path + name with one more epoch: starts at epoch 3
-    monkeypatch.delenv("MEDCL_FAIL_ONCE_AT_EPOCH")
     run_b = child_run_id(target, parent, "b")
     second = run_stage(replace(cfg, max_epochs=4), data, scaling=scaling,
                        storage_path=storage, name="crash",

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from medcl.train.metrics import DiceAccumulator, classification_metrics, pooled_dice_2d, volume_dice_3d
+from medcl.train.metrics import DiceAccumulator, classification_metrics
 
 # Two 2x3 slices, K = 3 (0 background, 1, 2); -1 = ignore.
 TARGET = np.array(
@@ -26,6 +26,20 @@ PRED = np.array(
         [[1, 1, 0], [2, 0, 1]],  # the 1 at the ignored pixel must not count
     ]
 )
+
+
+def pooled_dice_2d(pred, target, num_classes):
+    """Pooled Dice of one batch of slices, the way ``evaluate_segmentation`` counts them."""
+    acc = DiceAccumulator(num_classes, per_volume=False)
+    acc.update(pred, target)
+    return acc.pooled()
+
+
+def volume_dice_3d(pred, target, volume_ids, slice_index, num_classes):
+    """Per-volume Dice of one batch of slices."""
+    acc = DiceAccumulator(num_classes)
+    acc.update(pred, target, volume_ids, slice_index)
+    return acc.volumes()
 
 
 # ---------------------------------------------------------------- Dice by hand

@@ -1,4 +1,4 @@
-"""Runtime helpers (seeding, autocast, device, rank, unwrap) and the warm-up cosine LR schedule."""
+"""Runtime helpers (seeding, autocast, device, unwrap) and the warm-up cosine LR schedule."""
 from __future__ import annotations
 
 import contextlib
@@ -11,15 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from medcl.train.runtime import (
-    autocast_context,
-    is_rank_zero,
-    prepare_model_for_device,
-    rank,
-    seed_everything,
-    unwrap,
-    world_size,
-)
+from medcl.train.runtime import autocast_context, prepare_model_for_device, seed_everything, unwrap
 from medcl.train.schedule import warmup_cosine
 
 CUDA = torch.cuda.is_available()
@@ -96,16 +88,10 @@ def test_prepare_model_ignores_channels_last_on_cpu():
         prepare_model_for_device(conv, "cpu", "yes")
 
 
-# ---------------------------------------------------------------- rank / unwrap
-def test_rank_helpers_fall_back_to_single_process():
-    assert not dist.is_initialized()
-    assert (rank(), world_size(), is_rank_zero()) == (0, 1, True)
-
-
-def test_rank_and_unwrap_inside_a_process_group(tmp_path):
+# ---------------------------------------------------------------- unwrap
+def test_unwrap_inside_a_process_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        assert (rank(), world_size()) == (0, 1)
         inner = nn.Linear(2, 2)
         ddp = nn.parallel.DistributedDataParallel(inner)
         assert unwrap(ddp) is inner

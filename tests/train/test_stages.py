@@ -183,12 +183,12 @@ def _in_process_context(streams: dict, keep: Path):
 
 
 def _run_in_process(cfg, data: Path, keep: Path):
-    from medcl.data.ray_datasets import build_streams
-    from medcl.train.driver import STAGES, stage_inputs
+    from medcl.data.streams import build_streams
+    from medcl.train.driver import STAGES, run_loop, stage_inputs
 
     streams = build_streams(STAGES[cfg.kind].datasets(cfg, str(data)))
     ctx = _in_process_context(streams, keep)
-    out = STAGES[cfg.kind].run(ctx, cfg, stage_inputs(cfg, str(data), streams, 1))
+    out = run_loop(ctx, cfg, stage_inputs(cfg, str(data), streams, 1))
     return ctx, out
 
 

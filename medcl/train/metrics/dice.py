@@ -1,4 +1,4 @@
-"""Evaluation metrics: segmentation Dice (pooled 2D and per-volume 3D), accuracy and AUC.
+"""Segmentation Dice, pooled 2D and per-volume 3D, streamed and mergeable across ranks.
 
 Dice is reported per foreground class (classes ``1 .. K-1``; class 0 is
 background) in the two forms of methods.md §4:
@@ -19,9 +19,6 @@ counted in ``per_class_count`` — rather than counted as 1.0, which would
 inflate scores on volumes that lack a structure. A class absent from the
 reference but predicted scores 0.0 (a false positive is penalised).
 Pixels whose reference is ``ignore_index`` are left out of every count.
-
-Mann-Whitney form of AUC: the probability that a random positive scores above
-a random negative, ties counting one half (scikit-learn's ``roc_auc_score``).
 """
 from __future__ import annotations
 
@@ -34,26 +31,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from medcl.train.metrics._arrays import nanmean, to_numpy
+
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "PooledDice",
-    "VolumeDice",
-    "DiceAccumulator",
-    "pooled_dice_2d",
-    "volume_dice_3d",
-    "classification_metrics",
-]
-
-
-def _to_numpy(name: str, value: Any) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        return value
-    if isinstance(value, (list, tuple)):
-        return np.asarray(value)
-    raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
+__all__ = ["PooledDice", "VolumeDice", "DiceAccumulator"]
 
 
 def _dice(inter: np.ndarray, pred_sum: np.ndarray, target_sum: np.ndarray) -> np.ndarray:
@@ -61,10 +43,6 @@ def _dice(inter: np.ndarray, pred_sum: np.ndarray, target_sum: np.ndarray) -> np
     out = np.full(denom.shape, np.nan)
     np.divide(2.0 * inter, denom, out=out, where=denom > 0)
     return out
-
-
-def _nanmean(values: np.ndarray) -> float:
-    return float(np.mean(values[~np.isnan(values)])) if np.any(~np.isnan(values)) else math.nan
 
 
 @dataclass(frozen=True)
@@ -180,8 +158,8 @@ class DiceAccumulator:
             ValueError: On shape mismatches, labels out of range, a missing
                 ``volume_ids``, or a ``(volume, slice)`` pair already counted.
         """
-        p = _to_numpy("pred", pred)
-        t = _to_numpy("target", target)
+        p = to_numpy("pred", pred)
+        t = to_numpy("target", target)
         if p.ndim != 3 or t.shape != p.shape:
             raise ValueError(
                 f"pred and target must both have shape (B, H, W), got pred {tuple(p.shape)} and "
@@ -226,7 +204,7 @@ class DiceAccumulator:
         if len(ids) != b:
             raise ValueError(f"volume_ids must have one id per slice ({b}), got {len(ids)}")
         if slice_index is not None:
-            idx = _to_numpy("slice_index", slice_index).reshape(-1).astype(np.int64).tolist()
+            idx = to_numpy("slice_index", slice_index).reshape(-1).astype(np.int64).tolist()
             if len(idx) != b:
                 raise ValueError(f"slice_index must have one entry per slice ({b}), got {len(idx)}")
             batch: set[tuple[str, int]] = set()
@@ -245,7 +223,7 @@ class DiceAccumulator:
         dice = _dice(*self._pooled)[1:]
         if np.all(np.isnan(dice)):
             warnings.warn("no foreground class present in predictions or references; pooled Dice is NaN", stacklevel=2)
-        return PooledDice(per_class={c: float(d) for c, d in enumerate(dice, start=1)}, mean=_nanmean(dice))
+        return PooledDice(per_class={c: float(d) for c, d in enumerate(dice, start=1)}, mean=nanmean(dice))
 
     def volumes(self) -> VolumeDice:
         """Per-volume 3D Dice summarised over volumes (see the empty-empty rule in the module doc)."""
@@ -260,7 +238,7 @@ class DiceAccumulator:
         col = {c: scores[:, c - 1][~np.isnan(scores[:, c - 1])] for c in classes}
         per_mean = {c: float(col[c].mean()) if col[c].size else math.nan for c in classes}
         per_std = {c: float(col[c].std()) if col[c].size else math.nan for c in classes}
-        vol_means = np.array([_nanmean(row) for row in scores])
+        vol_means = np.array([nanmean(row) for row in scores])
         vol_means = vol_means[~np.isnan(vol_means)]
         return VolumeDice(
             volume_ids=vids,
@@ -268,7 +246,7 @@ class DiceAccumulator:
             per_class_mean=per_mean,
             per_class_std=per_std,
             per_class_count={c: int(col[c].size) for c in classes},
-            mean=_nanmean(np.array(list(per_mean.values()))),
+            mean=nanmean(np.array(list(per_mean.values()))),
             std=float(vol_means.std()) if vol_means.size else math.nan,
         )
 
@@ -335,148 +313,3 @@ class DiceAccumulator:
             merged.merge(state)
         self._pooled, self._volumes, self._seen = merged._pooled, merged._volumes, merged._seen
         return self
-
-
-def pooled_dice_2d(
-    pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, num_classes: int, ignore_index: int = -1
-) -> PooledDice:
-    """Dice per foreground class pooled over all slices (the paper's form).
-
-    Args:
-        pred: Predicted labels. Shape: (N, H, W).
-        target: Reference labels. Shape: (N, H, W); ``ignore_index`` pixels are skipped.
-        num_classes: K including background.
-        ignore_index: Reference value to skip.
-
-    Returns:
-        :class:`PooledDice` with Dice for classes 1..K-1 and their mean.
-    """
-    acc = DiceAccumulator(num_classes, ignore_index=ignore_index, per_volume=False)
-    acc.update(pred, target)
-    return acc.pooled()
-
-
-def volume_dice_3d(
-    pred: np.ndarray | torch.Tensor,
-    target: np.ndarray | torch.Tensor,
-    volume_ids: Sequence[str] | np.ndarray,
-    slice_index: Sequence[int] | np.ndarray | torch.Tensor,
-    num_classes: int,
-    ignore_index: int = -1,
-) -> VolumeDice:
-    """Per-volume 3D Dice per foreground class, mean ± std over volumes.
-
-    The slices of each volume (same ``volume_ids`` entry) are stacked; a
-    ``(volume, slice_index)`` pair given twice is refused. Slice order does
-    not change Dice, so ``slice_index`` serves only that check.
-
-    Args:
-        pred: Predicted labels. Shape: (N, H, W).
-        target: Reference labels. Shape: (N, H, W).
-        volume_ids: Volume of each slice, length N.
-        slice_index: Position of each slice in its volume, length N.
-        num_classes: K including background.
-        ignore_index: Reference value to skip.
-
-    Returns:
-        :class:`VolumeDice` (empty-empty classes skipped, see the module doc).
-    """
-    acc = DiceAccumulator(num_classes, ignore_index=ignore_index, per_volume=True)
-    acc.update(pred, target, volume_ids, slice_index)
-    return acc.volumes()
-
-
-def _binary_auc(y: np.ndarray, s: np.ndarray, what: str) -> float:
-    if np.unique(y).size < 2:
-        warnings.warn(f"AUC undefined for {what}: only one class present in targets; skipped", stacklevel=3)
-        return math.nan
-    from sklearn.metrics import roc_auc_score  # lazy: importing scikit-learn costs ~2 s
-
-    return float(roc_auc_score(y, s))
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def classification_metrics(
-    probs_or_logits: np.ndarray | torch.Tensor,
-    targets: np.ndarray | torch.Tensor,
-    multilabel: bool = False,
-    *,
-    from_logits: bool | None = None,
-) -> dict[str, float]:
-    """Top-1 accuracy and ROC AUC for binary, multi-class or multi-label outputs.
-
-    * binary, scores (N,) or (N, 1): positive-class probability or logit;
-      accuracy thresholds the probability at 0.5; AUC on the scores.
-    * multi-class, scores (N, K), targets (N,) ints in [0, K): accuracy of the
-      argmax; AUC one-vs-rest on softmax probabilities, macro-averaged (for K = 2
-      the binary AUC of class 1); per-class ``auc_class{k}`` too when K > 2.
-    * multi-label (``multilabel=True``), scores and targets (N, K), targets 0/1:
-      accuracy is the mean per-label accuracy at probability 0.5; AUC is the
-      mean over targets of each target's AUC, with ``auc_class{k}`` per target.
-
-    A class/target whose targets hold a single value has no AUC: it is skipped
-    with a warning (NaN in its ``auc_class{k}``); ``auc`` is NaN if all are.
-
-    Args:
-        probs_or_logits: Model outputs, probabilities or logits (see shapes above).
-        targets: Ground truth (see shapes above); negative labels are refused.
-        multilabel: Whether the K outputs are independent binary targets.
-        from_logits: True: apply softmax/sigmoid; False: already probabilities;
-            None: probabilities if all values lie in [0, 1] (and, multi-class,
-            rows sum to 1), else logits.
-
-    Returns:
-        ``{"accuracy": ..., "auc": ...}`` plus ``auc_class{k}`` entries as above.
-
-    Raises:
-        ValueError: On shape mismatch, non-finite scores or invalid targets.
-    """
-    s = _to_numpy("probs_or_logits", probs_or_logits).astype(np.float64)
-    y = _to_numpy("targets", targets)
-    if not isinstance(multilabel, bool):
-        raise TypeError(f"multilabel must be a bool, got {type(multilabel).__name__} {multilabel!r}")
-    if s.ndim == 2 and s.shape[1] == 1 and not multilabel:
-        s = s[:, 0]
-    if s.ndim not in (1, 2) or s.shape[0] == 0:
-        raise ValueError(f"probs_or_logits must have shape (N,) or (N, K) with N > 0, got {tuple(s.shape)}")
-    if not np.all(np.isfinite(s)):
-        raise ValueError("probs_or_logits contains NaN or infinite values")
-    expected = s.shape if multilabel else s.shape[:1]
-    if y.shape != expected:
-        raise ValueError(
-            f"targets must have shape {expected} for probs_or_logits {tuple(s.shape)}, got {tuple(y.shape)}"
-        )
-    in_unit = bool(np.all((s >= 0) & (s <= 1)))
-
-    if multilabel or s.ndim == 1:
-        if not np.all((y == 0) | (y == 1)):
-            raise ValueError(f"targets must be 0/1 for binary or multi-label outputs, got values {np.unique(y)[:10]}")
-        y = y.astype(np.int64)
-        probs = 1.0 / (1.0 + np.exp(-s)) if (from_logits or (from_logits is None and not in_unit)) else s
-        out = {"accuracy": float(np.mean((probs >= 0.5) == (y == 1)))}
-        if s.ndim == 1:
-            out["auc"] = _binary_auc(y, s, "the binary target")
-            return out
-        per = [_binary_auc(y[:, k], s[:, k], f"target {k}") for k in range(s.shape[1])]
-    else:
-        k_classes = s.shape[1]
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= k_classes:
-            raise ValueError(
-                f"targets must be integer class indices in [0, {k_classes}), got {y.dtype} {np.unique(y)[:10]}"
-            )
-        is_probs = in_unit and bool(np.allclose(s.sum(axis=1), 1.0, atol=1e-3))
-        probs = _softmax(s) if (from_logits or (from_logits is None and not is_probs)) else s
-        out = {"accuracy": float(np.mean(np.argmax(s, axis=1) == y))}
-        if k_classes == 2:
-            out["auc"] = _binary_auc((y == 1).astype(np.int64), probs[:, 1], "class 1 vs 0")
-            return out
-        per = [
-            _binary_auc((y == k).astype(np.int64), probs[:, k], f"class {k} (one-vs-rest)") for k in range(k_classes)
-        ]
-    out.update({f"auc_class{k}": a for k, a in enumerate(per)})
-    out["auc"] = _nanmean(np.asarray(per))
-    return out
