@@ -53,7 +53,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s" if not args.verbose else
                         "%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
-    from medcl.ray_session import quiet_ray_logging
+    from medcl.runner.session import quiet_ray_logging
 
     quiet_ray_logging(args.verbose)
 
@@ -126,9 +126,9 @@ def _stage_parser(sub: argparse._SubParsersAction, verb: str, kinds: Sequence[st
 
 
 def _cmd_stage(args: argparse.Namespace) -> int:
-    from medcl.config import ScalingSpec, stage_config_from_dict
-    from medcl.config_loader import apply_overrides, load_yaml
-    from medcl.ray_session import init_ray
+    from medcl.config.binder import apply_overrides, load_yaml
+    from medcl.config.stages import ScalingSpec, stage_config_from_dict
+    from medcl.runner.session import init_ray
     from medcl.train.driver import run_stage
 
     data = load_yaml(args.config) if args.config else {}
@@ -162,10 +162,11 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from medcl.pipeline import check_resumable, plan_jobs, run_pipeline
-    from medcl.pipeline_config import load_pipeline, with_scaling
-    from medcl.progress import ProgressCallback
-    from medcl.ray_session import init_ray
+    from medcl.config.pipeline import load_pipeline, with_scaling
+    from medcl.runner.pipeline import run_pipeline
+    from medcl.runner.plan import check_resumable, plan_jobs
+    from medcl.runner.progress import ProgressCallback
+    from medcl.runner.session import init_ray
 
     cfg = load_pipeline(args.pipeline, overrides=args.set, smoke=args.smoke, methods=args.methods)
     cfg = with_scaling(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu)
@@ -203,9 +204,10 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from medcl.progress import ProgressCallback
-    from medcl.ray_session import init_ray
-    from medcl.tune import load_sweep, run_sweep
+    from medcl.config.sweep import load_sweep
+    from medcl.runner.progress import ProgressCallback
+    from medcl.runner.session import init_ray
+    from medcl.runner.sweep import run_sweep
 
     sweep = load_sweep(args.space, overrides=args.set)
     init_ray(args.address, verbose=args.verbose)
@@ -237,7 +239,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if parent is None:
         raise UserError(f"no pipeline run named {args.pipeline!r} in MLflow experiment {args.experiment!r}")
     # A pipeline's curve is drawn from its final jobs (the fine-tuning run that ends each method).
-    role = target.client().get_run(parent).data.tags.get("medcl.role")
+    role = mlt.run_role(target, parent)
     only_final = "tags.`medcl.role` = 'final'" if role == "pipeline" else None
     csv_path, png_path, table = write_report(target, parent, args.metric, args.out, filter=only_final)
     print(format_table(table))
@@ -255,16 +257,16 @@ def _validate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from medcl.config_loader import load_yaml
+    from medcl.config.binder import load_yaml
 
     data = load_yaml(args.file)
     if "space" in data:
-        from medcl.tune import load_sweep
+        from medcl.config.sweep import load_sweep
 
         load_sweep(args.file)
     else:
-        from medcl.pipeline import plan_jobs
-        from medcl.pipeline_config import load_pipeline
+        from medcl.config.pipeline import load_pipeline
+        from medcl.runner.plan import plan_jobs
 
         cfg = load_pipeline(args.file)
         print(f"{args.file}: valid; {len(plan_jobs(cfg))} stage jobs")
@@ -296,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medcl`` console script; returns the exit status."""
-    from medcl.config_loader import ConfigError
+    from medcl.config.binder import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medcl.config_loader import ConfigError
-from medcl.pipeline import plan_jobs
-from medcl.pipeline_config import load_pipeline
+from medcl.config.binder import ConfigError
+from medcl.config.pipeline import load_pipeline
+from medcl.runner.plan import plan_jobs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "pipelines" / "quickstart.yaml"
 
 UNET = {"features": [8, 16], "norm": "instance"}

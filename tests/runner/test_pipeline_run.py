@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from medcl.config_loader import ConfigError
-from medcl.pipeline_config import load_pipeline
+from medcl.config.binder import ConfigError
+from medcl.config.pipeline import load_pipeline
 
 PIPELINE = """\
 name: tiny-run
@@ -84,7 +84,8 @@ def test_cli_run_with_an_unknown_method_exits_2_before_ray_starts(tmp_path, caps
 @pytest.mark.ray
 def test_pipeline_runs_reports_resumes_and_refuses_a_changed_plan(ray_session, tmp_path):
     from medcl import tracking as mlt
-    from medcl.pipeline import check_resumable, run_pipeline
+    from medcl.runner.pipeline import run_pipeline
+    from medcl.runner.plan import check_resumable
 
     path = _pipeline_file(tmp_path)
     cfg = load_pipeline(path, methods=["random", "global+local"])

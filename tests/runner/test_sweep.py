@@ -1,4 +1,4 @@
-"""Sweeps (``medcl.tune``): sweep-file validation, an ASHA sweep, and an interrupted chain sweep resumed.
+"""Sweeps (``medcl.runner.sweep``): sweep-file validation, an ASHA sweep, and an interrupted chain sweep resumed.
 
 Real Ray (the session fixture) and real MLflow (SQLite under tmp_path) on a
 12-patient synthetic cohort of 16 px slices, 1-2 epoch stages, a 3-level U-Net.
@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from ray.tune import Callback
 
-from medcl.config_loader import ConfigError
-from medcl.train.sweep_trial import STAGE_TAG_FILE
-from medcl.tune import load_sweep, run_sweep
+from medcl.config.binder import ConfigError
+from medcl.config.sweep import load_sweep
+from medcl.runner.stage_tags import STAGE_TAG_FILE
+from medcl.runner.sweep import run_sweep
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 PIPELINE = """\
 name: tiny
@@ -179,7 +180,7 @@ def test_cli_validate_reports_errors_and_accepts_shipped_spaces(tmp_path, datase
 
 
 def test_command_line_overrides_and_resume_guard(tmp_path, dataset):
-    from medcl.tune import _check_resumable
+    from medcl.runner.sweep import _check_resumable
 
     path = _files(tmp_path, dataset, """\
         name: s
@@ -203,23 +204,6 @@ def test_command_line_overrides_and_resume_guard(tmp_path, dataset):
         _check_resumable(sweep, "runs/s", sidecar, started=True, resume=False)
     with pytest.raises(ValueError, match="nothing to resume"):
         _check_resumable(sweep, "runs/s", None, started=False, resume=True)
-
-
-def test_restore_forgets_decisions_waiting_on_a_save(tmp_path):
-    # Ray Tune 2.60 writes decisions cached while a checkpoint save was in flight into the
-    # experiment state; a trial killed during that save would be stopped after its resume.
-    from medcl.tune import _forget_pending_decisions
-
-    state = {"trial_data": [["{}", "{}"]], "stats": {"start_time": 1.5},
-             "runner_data": {"_cached_trial_decisions": {"abc_00001": "STOP"},
-                             "_queued_trial_decisions": {"abc_00000": "CONTINUE"}, "_iteration": 7}}
-    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text(json.dumps(state))
-    (tmp_path / "basic-variant-state-2026-01-01_00-00-00.json").write_text('{"_cached_trial_decisions": 1}')
-    _forget_pending_decisions(str(tmp_path))
-    after = json.loads((tmp_path / "experiment_state-2026-01-01_00-00-00.json").read_text())
-    assert after["runner_data"] == {"_cached_trial_decisions": {}, "_queued_trial_decisions": {}, "_iteration": 7}
-    assert after["trial_data"] == state["trial_data"] and after["stats"] == state["stats"]
-    assert (tmp_path / "basic-variant-state-2026-01-01_00-00-00.json").read_text() == '{"_cached_trial_decisions": 1}'
 
 
 # ------------------------------------------------------------------ sweeps on Ray ----

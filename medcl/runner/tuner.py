@@ -1,0 +1,131 @@
+"""The Tune side of pipelines and sweeps: where a trial runs, what it reserves, and the (restored) ``Tuner``.
+
+A pipeline wave (``<storage_path>/<name>/wave<depth>``) and a sweep
+(``<storage_path>/<name>/tune``) are each one Tune experiment, started by
+:func:`open_tuner` or, when it exists, restored with
+``Tuner.restore(..., resume_errored=True)``: finished trials are not run again,
+unfinished and errored ones continue from their latest checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune import Callback
+
+from medcl.config.stages import ScalingSpec
+from medcl.runner.ray_shims import use_callbacks_after_restore
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrialPlacement", "TrialStates", "open_tuner", "trial_placement"]
+
+
+@dataclass(frozen=True)
+class TrialPlacement:
+    """Where a trial's stages run and what the trial reserves.
+
+    Attributes:
+        inline: Run each stage in the trial's own process (one worker); else on a ``TorchTrainer``.
+        use_gpu: The stages use a GPU (the trial's, or one per Train worker).
+        scaling: The ``TorchTrainer``'s workers when not ``inline``.
+        resources: The trial's own Tune resources.
+    """
+
+    inline: bool
+    use_gpu: bool
+    scaling: ScalingSpec
+    resources: dict[str, float]
+
+
+def trial_placement(scaling: ScalingSpec, *, cpu: float, gpu: float, fractional_gpu: bool) -> TrialPlacement:
+    """Where the trials of a pipeline or sweep run, and what each reserves.
+
+    One worker runs inline in the trial, which then holds ``cpu`` (and ``gpu``);
+    more workers (or a GPU without ``fractional_gpu``) run on a ``TorchTrainer``
+    whose workers hold ``cpu`` and a whole GPU each, and the trial, which only
+    drives the trainer, almost nothing.
+
+    Args:
+        scaling: Workers per stage (``num_workers``, ``max_failures``).
+        cpu: CPUs per trial (inline) or per Train worker.
+        gpu: GPUs per trial (inline; a fraction lets trials share one) or, when > 0, one per Train worker.
+        fractional_gpu: Whether a one-worker GPU stage may run inline on a share of a GPU (sweeps);
+            pipelines run GPU stages on a ``TorchTrainer``.
+    """
+    inline = scaling.num_workers == 1 and (fractional_gpu or not gpu)
+    resources = {"CPU": cpu, **({"GPU": gpu} if gpu else {})} if inline else {"CPU": 0.01}
+    return TrialPlacement(inline=inline, use_gpu=gpu > 0, resources=resources,
+                          scaling=dataclasses.replace(scaling, cpus_per_worker=cpu, use_gpu=gpu > 0))
+
+
+def _trial_dirname(trial: Any) -> str:
+    return trial.trial_id
+
+
+def open_tuner(trainable: Any, storage: str, name: str, *, param_space: dict[str, Any], tune_options: dict[str, Any],
+               callbacks: list, max_failures: int, keep_checkpoints: int | None = None,
+               restore_callbacks: bool = True) -> Any:
+    """Restore the Tune experiment ``<storage>/<name>`` when it exists, else start it.
+
+    Trials are named by their trial id (their directory too); Tune reuses actors and stays quiet.
+
+    Args:
+        trainable: The (``with_parameters``/``with_resources`` wrapped) function trainable; a restore
+            needs one of the same name as the experiment's.
+        storage: The run's directory or URI (``<storage_path>/<name of the pipeline or sweep>``).
+        name: The experiment (``wave0``, ``tune``).
+        param_space: Tune's (nested) search space of a new experiment.
+        tune_options: Further ``tune.TuneConfig`` keywords of a new experiment (scheduler, concurrency).
+        callbacks: Tune callbacks of a new experiment, and of a restored one with ``restore_callbacks``.
+        max_failures: Retries of a failed trial.
+        keep_checkpoints: Tune checkpoints kept per trial (None: all).
+        restore_callbacks: Give a restored experiment ``callbacks`` (else it keeps those of its first
+            start, which Tune pickled with it).
+    """
+    from ray import tune
+
+    experiment = f"{storage}/{name}"
+    if keep_checkpoints is not None:
+        # num_to_keep makes Tune snapshot its state before dropping old checkpoints, every few epochs
+        # here; that is intended, so its "excessive snapshots" warning is noise.
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if tune.Tuner.can_restore(experiment):
+        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
+        if restore_callbacks:
+            use_callbacks_after_restore(tuner, callbacks)
+        return tuner
+    checkpoint_config = tune.CheckpointConfig(num_to_keep=keep_checkpoints) if keep_checkpoints is not None else None
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=_trial_dirname,
+                                    **tune_options),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=callbacks,
+                                  failure_config=tune.FailureConfig(max_failures=max_failures),
+                                  checkpoint_config=checkpoint_config),
+    )
+
+
+class TrialStates(Callback):
+    """Tune callback (in the driver) keeping each trial's state: TERMINATED, ERROR, or RUNNING if interrupted.
+
+    Args:
+        before: States saved by an earlier run of a restored sweep; its finished trials are not
+            touched again. (A trial that failed may be saved as RUNNING; it runs again and reports anew.)
+    """
+
+    def __init__(self, before: dict[str, str]) -> None:
+        self.states = dict(before)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.states[trial.trial_id] = "RUNNING"
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.states[trial.trial_id] = "TERMINATED"
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.states[trial.trial_id] = "ERROR"
