@@ -16,6 +16,7 @@ Modules:
     paths: dotted key paths (``a.b.c``) into nested mappings: get/set/flatten/unflatten.
     binder: ConfigError, build, to_dict, load_yaml, apply_overrides.
     stages: the five stage configs, their model and scaling specs.
+    metrics: the metric names each stage kind logs (what ``metric:`` may name).
     pipeline: pipeline files (PipelineConfig, load_pipeline).
     space: a sweep's search space, and one trial's stage configs (resolve_chain).
     sweep: sweep files (SweepConfig, load_sweep).

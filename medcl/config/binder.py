@@ -9,23 +9,31 @@ so a pipeline file is rejected before any training starts.
 Supported field types: ``bool``, ``int``, ``float``, ``str``, ``Path``,
 ``Literal[...]``, ``X | None``, ``tuple[X, ...]``, ``list[X]``,
 ``dict[str, X]`` and nested dataclasses.
+
+What YAML 1.1 (PyYAML) does silently is refused here: a key written twice
+(PyYAML keeps the last; :func:`load_yaml` reports both lines), ``.nan`` /
+``.inf`` where a number is expected, and an unquoted ``yes``/``no``/``on``/``off``
+or ``2024-01-01`` where text is expected (read as a boolean or a date: the
+message says to quote it).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import difflib
+import math
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Literal, Mapping, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
 
 from medcl.config.paths import set_path
 
-__all__ = ["ConfigError", "build", "check", "to_dict", "apply_overrides", "load_yaml"]
+__all__ = ["ConfigError", "build", "check", "check_all", "to_dict", "apply_overrides", "load_yaml"]
 
 T = TypeVar("T")
 
@@ -42,19 +50,81 @@ class ConfigError(ValueError):
         super().__init__(head + ":\n  " + "\n  ".join(self.problems))
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; errors name the file."""
+class _DuplicateKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that records every mapping key written twice, with its key path and lines.
+
+    PyYAML keeps the last value of a repeated key without a word; this loader
+    composes the same document and lists each repeat in ``duplicates``.
+    Keys merged in with ``<<: *anchor`` may be overridden, as YAML intends.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.key_path: list[str | int | None] = []
+        self.duplicates: list[tuple[int, str]] = []  # (line of the repeat, problem)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if isinstance(parent, yaml.MappingNode):
+            key = index.value if isinstance(index, yaml.ScalarNode) else None  # None: the key node itself
+        else:
+            key = index if isinstance(parent, yaml.SequenceNode) else None
+        self.key_path.append(key)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.key_path.pop()
+
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        path = ""
+        for part in self.key_path:
+            path = path if part is None else _join(path, part)
+        first_line: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            line = key_node.start_mark.line + 1
+            key = (key_node.tag, key_node.value)
+            if key not in first_line:
+                first_line[key] = line
+                continue
+            lines = f"line {line}" if first_line[key] == line else f"lines {first_line[key]} and {line}"
+            self.duplicates.append((line, f"{_join(path, key_node.value)}: key written twice ({lines}); "
+                                          "YAML keeps only the last value: remove one"))
+        return node
+
+
+def load_yaml(path: str | Path, problems: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML mapping; errors name the file.
+
+    Args:
+        path: The YAML file.
+        problems: Where to add keys written twice (one line each, with the key path and both
+            lines), so that a caller reports them with its other problems; None raises them.
+
+    Raises:
+        ConfigError: The file is missing, not YAML, not a mapping, or (without ``problems``)
+            repeats a key.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError([f"file not found: {path}"], source=str(path))
+    loader = _DuplicateKeyLoader(path.read_text())
     try:
-        data = yaml.safe_load(path.read_text())
+        data = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError([f"not valid YAML: {exc}"], source=str(path)) from exc
+    finally:
+        loader.dispose()
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], source=str(path))
+    duplicates = [problem for _, problem in sorted(loader.duplicates)]  # in file order
+    if duplicates:
+        if problems is None:
+            raise ConfigError(duplicates, source=str(path))
+        problems.extend(duplicates)
     return data
 
 
@@ -87,6 +157,22 @@ def check(cond: bool, message: str) -> None:
     """
     if not cond:
         raise ValueError(message)
+
+
+def check_all(*checks: Callable[[], None]) -> None:
+    """Run every check and raise one ``ValueError`` listing each failure on its own line.
+
+    For a ``__post_init__`` with several independent checks: :func:`build` then
+    reports all of them at once, each at its key path, instead of the first.
+    """
+    failures = []
+    for run in checks:
+        try:
+            run()
+        except ValueError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise ValueError("\n".join(failures))
 
 
 def build(cls: type[T], data: Mapping[str, Any] | None, *, path: str = "", source: str | None = None) -> T:
@@ -145,10 +231,13 @@ def _build_dataclass(cls: type, data: Any, path: str, problems: list[str]) -> An
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        # Range checks in __post_init__ word their message "<field> must ...": report it at the field's path.
-        name, _, rest = str(exc).partition(" ")
+        # Range checks in __post_init__ word their message "<field> must ..." (or "<field>[i] must ...",
+        # "<field>.<key> must ...", one per line: check_all): report each at its key path.
         if "required positional argument" not in str(exc):
-            problems.append(f"{_join(path, name)}: {rest}" if name in fields and rest else f"{where}: {exc}")
+            for line in str(exc).splitlines():
+                name, _, rest = line.partition(" ")
+                head = re.split(r"[.\[]", name, maxsplit=1)[0]
+                problems.append(f"{_join(path, name)}: {rest}" if head in fields and rest else f"{where}: {line}")
         return None
     return None if failed else obj
 
@@ -158,6 +247,16 @@ def _closest(key: str, names: Any) -> str | None:
     norm = key.replace("-", "_").lower()
     match = difflib.get_close_matches(norm, list(names), n=1, cutoff=0.75)
     return match[0] if match else None
+
+
+def _quote_hint(value: Any) -> str:
+    """Why YAML turned text into ``value`` and how to keep it text; "" when it did not."""
+    if isinstance(value, bool):
+        return ": YAML 1.1 reads unquoted yes/no/on/off/true/false as booleans; quote it if you meant the text"
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        text = value.isoformat()
+        return f": YAML reads an unquoted {text} as a date; quote it ('{text}')"
+    return ""
 
 
 def _type_name(tp: Any) -> str:
@@ -183,8 +282,9 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
         problems.append(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
         return None
     if origin is Literal:
-        if value not in args:
-            problems.append(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        if value not in args or isinstance(value, bool) != any(isinstance(a, bool) for a in args):
+            hint = _quote_hint(value) if all(isinstance(a, str) for a in args) else ""
+            problems.append(f"{path}: must be one of {', '.join(map(repr, args))}, got {value!r}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, path, problems)
@@ -200,6 +300,9 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
             problems.append(f"{path}: expected a mapping, got {type(value).__name__} {value!r}")
             return None
         val_tp = args[1] if len(args) == 2 else Any
+        for key in value:
+            if _quote_hint(key):
+                problems.append(f"{_join(path, str(key))}: key read as {key!r}{_quote_hint(key)}")
         return {str(k): _coerce(val_tp, v, _join(path, str(k)), problems) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
@@ -212,18 +315,22 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     if tp is float:
         if isinstance(value, str) and _YAML11_EXPONENT.match(value.strip()):
             # PyYAML (YAML 1.1) reads 1e-3 (no dot in the mantissa) as a string; take it as the number it is.
-            return float(value)
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             problems.append(f"{path}: expected a number, got {value!r}")
+            return value
+        if not math.isfinite(value):
+            problems.append(f"{path}: expected a finite number, got {value!r}")
             return value
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            problems.append(f"{path}: expected a string, got {value!r}")
+            problems.append(f"{path}: expected a string, got {value!r}{_quote_hint(value)}")
         return value
     if tp is Path:
         if not isinstance(value, (str, Path)):
-            problems.append(f"{path}: expected a path, got {value!r}")
+            problems.append(f"{path}: expected a path, got {value!r}{_quote_hint(value)}")
             return value
-        return Path(value)
+        # A URI (s3://bucket/x) stays text: Path would fold its "//" and the scheme would be lost.
+        return value if isinstance(value, str) and "://" in value else Path(value)
     raise TypeError(f"the config binder cannot handle field type {tp!r} at {path}")

@@ -10,22 +10,39 @@ returns the typed template.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from medcl.config.binder import ConfigError, apply_overrides, build, check, load_yaml
+from medcl.config.binder import ConfigError, apply_overrides, build, check, check_all, load_yaml
+from medcl.config.metrics import check_metric
 from medcl.config.stages import (
     FINETUNE_KINDS,
+    SEED_LIMIT,
     STAGE_CONFIGS,
     ScalingSpec,
     StageConfig,
     check_fraction,
+    check_seed,
     stage_config_from_dict,
 )
 
-__all__ = ["PipelineConfig", "DatasetSpec", "TrackingSpec", "load_pipeline", "with_scaling", "STAGE_KINDS"]
+__all__ = ["PipelineConfig", "DatasetSpec", "TrackingSpec", "load_pipeline", "with_scaling", "check_run_name",
+           "STAGE_KINDS"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+def check_run_name(name: str) -> None:
+    """Raise ``ValueError("name must ...")`` unless ``name`` is safe as one directory name and an MLflow run name.
+
+    Letters, digits, ``.``, ``_`` and ``-``, starting with a letter or digit: no path
+    separator, no ``..``, not empty.
+    """
+    check(bool(_NAME_RE.match(name)), "name must be letters, digits, '.', '_' or '-' starting with a letter or "
+                                      f"digit (it names a directory and an MLflow run), got {name!r}")
 
 
 @dataclass(frozen=True)
@@ -77,10 +94,15 @@ class PipelineConfig:
     smoke: list[str] = field(default_factory=list)  # key=value overrides applied by `medcl run --smoke`
 
     def __post_init__(self) -> None:
-        check_fraction("label_fractions", self.label_fractions)
-        check(bool(self.label_fractions), "label_fractions must not be empty")
-        check(bool(self.seeds), "seeds must not be empty")
-        check(self.max_concurrent_trials >= 1, f"max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}")
+        check_all(
+            lambda: check_run_name(self.name),
+            lambda: check_fraction("label_fractions", self.label_fractions),
+            lambda: check(bool(self.label_fractions), "label_fractions must not be empty"),
+            lambda: check(bool(self.seeds), "seeds must not be empty"),
+            lambda: check_seed("seeds", self.seeds),
+            lambda: check(self.max_concurrent_trials >= 1,
+                          f"max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}"),
+        )
 
     @cached_property
     def templates(self) -> dict[str, StageConfig]:
@@ -145,6 +167,25 @@ def _check_stages(stages: Any, methods: Any, problems: list[str]) -> dict[str, S
     return templates
 
 
+def _check_metric(metric: Any, methods: Any, templates: dict[str, StageConfig | None],
+                  problems: list[str]) -> None:
+    """``metric`` must be logged by the last stage of every method (the report reads it from those runs).
+
+    Checked on the raw file (so that other errors don't hide it); wrong types were reported by the build.
+    """
+    if not isinstance(metric, str) or not isinstance(methods, dict):
+        return
+    seen: set[str] = set()
+    for method, chain in methods.items():
+        last = chain[-1] if isinstance(chain, list) and chain else None
+        if not isinstance(last, str) or last in seen or templates.get(last) is None:
+            continue
+        seen.add(last)
+        problem = check_metric(metric, last, templates[last], f"method {method!r}")
+        if problem is not None:
+            problems.append(problem)
+
+
 def _check_dataset(spec: DatasetSpec, problems: list[str]) -> None:
     if spec.source == "existing":
         return
@@ -153,6 +194,10 @@ def _check_dataset(spec: DatasetSpec, problems: list[str]) -> None:
     known = ingest_options(spec.source)
     for key in sorted(set(spec.options) - set(known)):
         problems.append(f"dataset.options.{key}: unknown {spec.source} ingest option; known: {sorted(known)}")
+    for key, value in sorted(spec.options.items()):
+        if key.endswith("seed") and key in known and (isinstance(value, bool) or not isinstance(value, int)
+                                                      or not 0 <= value < SEED_LIMIT):
+            problems.append(f"dataset.options.{key}: must be an integer in [0, 2**31), got {value!r}")
     if spec.source == "synthetic":
         if spec.source_path is not None:
             problems.append("dataset.source_path: the synthetic source takes no source_path")
@@ -175,7 +220,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, smoke: b
     Raises:
         ConfigError: every problem found, one per line, with its key path.
     """
-    data = load_yaml(path)
+    problems: list[str] = []
+    data = load_yaml(path, problems)
     if smoke:
         smoke_overrides = data.get("smoke") or []
         if not isinstance(smoke_overrides, list) or not smoke_overrides:
@@ -184,7 +230,6 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, smoke: b
         data = apply_overrides(data, [str(o) for o in smoke_overrides])
     if overrides:
         data = apply_overrides(data, overrides)
-    problems: list[str] = []
     if methods:
         known = data.get("methods") if isinstance(data.get("methods"), dict) else {}
         unknown = [m for m in methods if m not in known]
@@ -203,6 +248,7 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None, smoke: b
             problems.append(f"dataset.path: no dataset at {cfg.dataset.path} (manifest.json missing); "
                             "ingest one first or set dataset.source")
         _check_dataset(cfg.dataset, problems)
+    _check_metric(data.get("metric", _DEFAULT_METRIC), data.get("methods"), templates, problems)
     if problems:
         raise ConfigError(problems, source=str(path))
     cfg.__dict__["templates"] = templates  # fills the cached property: the templates are parsed once
@@ -216,3 +262,4 @@ def with_scaling(cfg: PipelineConfig, **changes: Any) -> PipelineConfig:
 
 
 STAGE_KINDS = tuple(STAGE_CONFIGS)
+_DEFAULT_METRIC = PipelineConfig.__dataclass_fields__["metric"].default

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from medcl.config.binder import ConfigError
 from medcl.config.paths import flatten, set_path
 from medcl.config.pipeline import PipelineConfig
-from medcl.config.stages import StageConfig, stage_config_from_dict
+from medcl.config.stages import SEED_LIMIT, StageConfig, stage_config_from_dict
 
 __all__ = ["DISTRIBUTIONS", "Distribution", "parse_space", "resolve_chain", "check_space"]
 
@@ -192,9 +192,9 @@ def check_space(space: dict[str, Distribution], pipeline: PipelineConfig, chain:
         if why is not None:
             problems.append(why)
             continue
-        if key == "seed" and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        if key == "seed" and not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < SEED_LIMIT
                                      for v in dist.probe_values()):
-            problems.append(f"{where}: seeds must be integers >= 0 (use grid, choice or randint), "
+            problems.append(f"{where}: seeds must be integers in [0, 2**31) (use grid, choice or randint), "
                             f"got {dist.describe()}")
             continue
         seen: set[str] = set()

@@ -29,8 +29,13 @@ __all__ = [
     "StageConfig",
     "stage_config_from_dict",
     "check_fraction",
+    "check_seed",
+    "SEED_LIMIT",
     "to_dict",
 ]
+
+#: Seeds lie in [0, SEED_LIMIT): every rank seeds with ``seed + rank``, which must fit in 32 bits.
+SEED_LIMIT = 2**31
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class _StageBase:
     min_steps_per_epoch: int = 0  # cycle small (labelled) data until an epoch has this many steps; 0: one pass
     max_steps_per_epoch: int = 0  # end an epoch after this many steps (a step budget on large data); 0: no cap
     seed: int = 0
-    init_from: Path | None = None  # checkpoint dir or model.pt of an earlier stage (heads dropped)
+    init_from: Path | None = None  # checkpoint dir or model.pt of an earlier stage (heads dropped); a URI (s3://...) stays a str
 
     @property
     def uses_labels(self) -> bool:
@@ -102,6 +107,7 @@ class _StageBase:
 
     def __post_init__(self) -> None:
         check(self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}")
+        check_seed("seed", self.seed)
         check(self.batch_size_per_worker >= 1, f"batch_size_per_worker must be >= 1, got {self.batch_size_per_worker}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -122,6 +128,19 @@ def check_fraction(name: str, value: float | list[float]) -> None:
     values = value if isinstance(value, list) else [value]
     bad = [v for v in values if not 0.0 < v <= 1.0]
     check(not bad, f"{name} must be in (0, 1], got {bad if isinstance(value, list) else value}")
+
+
+def check_seed(name: str, value: int | list[int]) -> None:
+    """Raise ``ValueError("<name> must ...")`` unless the seed (or every listed one) lies in [0, 2**31).
+
+    A list (a pipeline's ``seeds``) is reported entry by entry, one line each: ``seeds[1] must ...``.
+    """
+    if not isinstance(value, list):
+        check(0 <= value < SEED_LIMIT, f"{name} must be an integer in [0, 2**31), got {value}")
+        return
+    bad = [f"{name}[{i}] must be an integer in [0, 2**31), got {v}" for i, v in enumerate(value)
+           if not 0 <= v < SEED_LIMIT]
+    check(not bad, "\n".join(bad))
 
 
 def _check_temperature(value: float) -> None:

@@ -32,15 +32,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medcl.config.binder import ConfigError, apply_overrides, build, check, load_yaml, to_dict
-from medcl.config.pipeline import PipelineConfig, TrackingSpec, load_pipeline
+from medcl.config.metrics import check_metric, is_evaluation_metric, stage_metrics
+from medcl.config.pipeline import PipelineConfig, TrackingSpec, check_run_name, load_pipeline
 from medcl.config.space import DISTRIBUTIONS, Distribution, check_space, parse_space, resolve_chain
-from medcl.config.stages import FINETUNE_KINDS
+from medcl.config.stages import check_seed
 
 __all__ = ["Distribution", "AshaSpec", "SchedulerSpec", "TrialResources", "SweepConfig", "load_sweep",
            "resolve_chain", "DISTRIBUTIONS"]
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
 
 @dataclass(frozen=True)
 class AshaSpec:
@@ -113,8 +111,8 @@ class _SweepFile:
     description: str = ""
 
     def __post_init__(self) -> None:
-        check(bool(_NAME_RE.match(self.name)),
-               f"name must be letters, digits, '.', '_' or '-' (it names a directory and an MLflow run), got {self.name!r}")
+        check_run_name(self.name)
+        check_seed("search_seed", self.search_seed)
         check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
                f"max_concurrent_trials must be >= 1, got {self.max_concurrent_trials}")
@@ -176,18 +174,14 @@ class SweepConfig:
 
 def _check_metric(file: _SweepFile, pipeline: PipelineConfig, chain: tuple[str, ...], problems: list[str]) -> None:
     last = chain[-1]
-    last_kind = pipeline.stage(last).kind
-    per_epoch = file.metric.startswith("train/") or file.metric == "epoch"
-    final = file.metric.startswith(("test/", "shifted/"))
-    if not per_epoch and not final:
-        problems.append(f"metric: unknown metric {file.metric!r}; use a per-epoch metric (train/loss, train/lr, ...) "
-                        "or an evaluation metric of a fine-tuning stage (test/dice_2d, test/auc, ...)")
-    elif final and last_kind not in FINETUNE_KINDS:
-        problems.append(f"metric: {file.metric!r} is reported by fine-tuning stages after their last epoch, but "
-                        f"this sweep ends with stage {last!r} ({last_kind}); use a per-epoch metric such as train/loss")
+    problem = check_metric(file.metric, last, pipeline.stage(last), "this sweep")
+    if problem is not None:
+        problems.append(problem)
     asha = file.scheduler.asha
     if asha is None:
         return
+    when = stage_metrics(pipeline.stage(last)).when(file.metric)
+    per_epoch = when == "per_epoch" or (when is None and not is_evaluation_metric(file.metric))  # else said above
     if len(chain) > 1:
         problems.append(f"scheduler.asha: ASHA compares trials at the same epoch of one stage; sweep a single stage "
                         f"(`stage: NAME`) rather than method {file.method!r} ({' > '.join(chain)})")
@@ -235,10 +229,10 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
         ConfigError: every problem found, one per line, each with its key path.
     """
     source = Path(path)
-    data = load_yaml(source)
+    problems: list[str] = []
+    data = load_yaml(source, problems)
     if overrides:
         data = apply_overrides(data, overrides)
-    problems: list[str] = []
     try:
         file = build(_SweepFile, data, source=str(source))
     except ConfigError as exc:

@@ -22,8 +22,21 @@ K = TypeVar("K", bound=Hashable)
 
 
 def prepare_dataset(cfg: PipelineConfig) -> Path:
-    """Ingest the pipeline's dataset unless it is already there and up to date (a no-op then)."""
+    """The run's dataset directory, checked once: its files must match the manifest's SHA-256.
+
+    An ``existing`` dataset is verified here; any other source is ingested unless
+    it is already there and up to date, which the ingest decides by verifying the
+    same checksums (a dataset that fails them is rebuilt from its source).
+
+    Raises:
+        ManifestError: a shard or ``bags.parquet`` of an ``existing`` dataset is missing or
+            its bytes differ from the manifest (the message names the file).
+        IngestError: the ingest failed.
+    """
     if cfg.dataset.source == "existing":
+        from medcl.data.manifest import verify_checksums
+
+        verify_checksums(cfg.dataset.path)
         return cfg.dataset.path
     from medcl.data.ingest import ingest
 

@@ -259,3 +259,10 @@ def test_pipeline_templates_are_parsed_once_and_typed():
         bad.stage("g")
     with pytest.raises(ValueError, match=r"label_fractions must be in \(0, 1\], got \[0\.0, 2\.0\]"):
         dataclasses.replace(cfg, label_fractions=[0.5, 0.0, 2.0])
+
+
+def test_a_uri_path_field_keeps_its_scheme():
+    # Path("s3://bucket/run/ckpt") would fold "//" and lose the scheme (issue 13: remote storage).
+    cfg = stage_config_from_dict({"kind": "seg_finetune", "init_from": "s3://bucket/run/checkpoint_000001"})
+    assert cfg.init_from == "s3://bucket/run/checkpoint_000001"
+    assert stage_config_from_dict({"kind": "seg_finetune", "init_from": "runs/ckpt"}).init_from == Path("runs/ckpt")

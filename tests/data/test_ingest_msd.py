@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import nibabel as nib
@@ -28,7 +29,7 @@ def hippo(shared_data):
 
 @pytest.fixture(scope="module")
 def subset(hippo, tmp_path_factory):
-    """A Decathlon folder listing 5 real cases, files symlinked."""
+    """A Decathlon folder listing 5 real cases, files copied (a symlink out of the folder is refused)."""
     root = tmp_path_factory.mktemp("msd") / "Task04_subset"
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
@@ -38,7 +39,7 @@ def subset(hippo, tmp_path_factory):
     (root / "dataset.json").write_text(json.dumps(meta))
     for c in CASES:
         for d in ("imagesTr", "labelsTr"):
-            (root / d / f"{c}.nii.gz").symlink_to(hippo / d / f"{c}.nii.gz")
+            shutil.copyfile(hippo / d / f"{c}.nii.gz", root / d / f"{c}.nii.gz")
     return root
 
 

@@ -272,6 +272,7 @@ def test_classification_chain(tmp_path):
     data["stages"] = {"simclr": {"kind": "cls_pretrain", "method": "micle"},
                       "probe": {"kind": "cls_finetune", "protocol": "linear"}}
     data["methods"] = {"micle": ["simclr", "probe"], "scratch": ["probe"]}
+    data["metric"] = "test/auc"
     jobs = plan_jobs(load_pipeline(_write(tmp_path, data)))
     _check_dag(jobs)
     assert [j.key for j in jobs] == ["probe@seed=0,fraction=0.01", "probe@seed=0,fraction=1", "simclr@seed=0",

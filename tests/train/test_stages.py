@@ -22,10 +22,8 @@ can afford (on the quickstart cohort both norms learn; benchmarks/README.md).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -154,32 +152,9 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
 
 def _in_process_context(streams: dict, keep: Path):
     """A :class:`StageContext` for one in-process worker (no DDP) that keeps every reported checkpoint."""
-    from medcl.train.context import StageContext
+    from in_process import InProcessContext
 
-    class InProcess(StageContext):
-        def __init__(self) -> None:
-            super().__init__()
-            self.reports: list[dict] = []
-            self.checkpoints: list[Path] = []
-
-        def dataset(self, name):
-            return streams[name]
-
-        def has_dataset(self, name):
-            return name in streams
-
-        def report(self, metrics, checkpoint_dir=None):
-            self.reports.append(dict(metrics))
-            if checkpoint_dir is not None:
-                target = keep / f"epoch{int(metrics['epoch'])}"
-                shutil.copytree(checkpoint_dir, target)
-                self.checkpoints.append(target)
-
-        @contextlib.contextmanager
-        def latest_checkpoint(self):
-            yield None
-
-    return InProcess()
+    return InProcessContext(streams, keep)
 
 
 def _run_in_process(cfg, data: Path, keep: Path):

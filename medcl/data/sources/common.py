@@ -30,6 +30,8 @@ __all__ = [
     "normalise",
     "check_int",
     "check_choice",
+    "check_bool",
+    "source_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,46 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in choices:
         raise IngestError(f"{name}={value!r} must be one of {choices}")
     return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else :class:`IngestError` naming the option."""
+    if not isinstance(value, bool):
+        raise IngestError(f"{name}={value!r} must be true or false")
+    return value
+
+
+def source_file(root: Path, name: str, where: str, allow_outside: bool) -> Path:
+    """The file a source lists (a CSV cell, a ``dataset.json`` entry), refused when it lies outside ``root``.
+
+    A relative ``name`` is taken relative to ``root``, an absolute one as it is.
+    Unless ``allow_outside``, the path with every symlink and ``..`` resolved must
+    lie inside ``root`` (resolved too): a source cannot make the ingest read other
+    files of the machine, and a link inside the folder that points outside counts
+    as outside.
+
+    Args:
+        root: The source's folder (the CSV's folder, the task folder).
+        name: The path as the source wrote it.
+        where: What names it, for the message (``"images.csv row 3, column 'image'"``).
+        allow_outside: The ingest option ``allow_outside_paths``.
+
+    Returns:
+        The path, normalised (``..`` collapsed) but with its symlinks kept.
+
+    Raises:
+        IngestError: the path lies outside ``root`` (names ``where``, the path and what it resolves to).
+    """
+    path = Path(os.path.normpath(root / name))
+    if allow_outside:
+        return path
+    real, real_root = path.resolve(), root.resolve()
+    if not real.is_relative_to(real_root):
+        shown = "" if str(real) == name else f", which resolves to {real}"
+        raise IngestError(f"{where}: {name!r}{shown} lies outside the source folder {real_root}; move the file into "
+                          "it, or allow outside paths explicitly (option allow_outside_paths: true, "
+                          "`--allow-outside-paths true`)")
+    return path
 
 
 def resize_images(images: np.ndarray, size: int) -> np.ndarray:

@@ -3,7 +3,8 @@
 One CSV row per image; the columns are named by options: image path and
 patient id (required), mask path, class label(s), view, slice index, volume
 id and split (optional). Paths are relative to the CSV's folder (absolute
-paths are kept). Patients may have several images (MICLe bags). Images are
+paths are kept) and must lie inside it, symlinks resolved, unless
+``allow_outside_paths`` is set. Patients may have several images (MICLe bags). Images are
 read with ``skimage.io.imread``, converted to ``channels`` (1: luminance grey,
 3: RGB, grey replicated), normalised per image and resized to ``size x size``
 (bilinear; masks nearest).
@@ -31,12 +32,14 @@ from medcl.data.schema import IGNORE_INDEX, SPLITS
 from medcl.data.sources.common import (
     NORMALISATIONS,
     IngestError,
+    check_bool,
     check_choice,
     check_int,
     normalise,
     resize_images,
     resize_masks,
     run_ingest,
+    source_file,
 )
 from medcl.data.splits import check_split_ratios, split_patients
 
@@ -187,6 +190,7 @@ def ingest_image_folder(
     split_ratios: Sequence[float] = (0.6, 0.2, 0.2),
     split_seed: int = 0,
     rows_per_shard: int = 2048,
+    allow_outside_paths: bool = False,
     force: bool = False,
 ) -> Manifest:
     """Ingest 2D images listed in a CSV.
@@ -217,6 +221,8 @@ def ingest_image_folder(
         normalisation: "dtype" (integers / dtype max), "percentile", "minmax" or "none", per image.
         split_ratios, split_seed: Random patient split (ignored with split_column).
         rows_per_shard: Rows per shard file.
+        allow_outside_paths: Read image and mask paths that lie outside the CSV's folder
+            (absolute, ``../``, or through a symlink); by default such a row is an error.
         force: Rebuild even if ``out_dir`` is up to date.
 
     Returns:
@@ -224,10 +230,12 @@ def ingest_image_folder(
         also be present), else "multilabel", "multiclass" or "unlabelled".
 
     Raises:
-        IngestError: missing columns/files, unreadable images, mask/image size
-            mismatch, unknown labels, mask values outside label_map, bad options.
+        IngestError: missing columns/files, a path outside the CSV's folder, unreadable
+            images, mask/image size mismatch, unknown labels, mask values outside
+            label_map, bad options.
     """
     csv = Path(csv_path).absolute()
+    allow_outside = check_bool("allow_outside_paths", allow_outside_paths)
     size = check_int("size", size, 1, 4096)
     channels = check_choice("channels", channels, (1, 3))
     check_choice("normalisation", normalisation, _FOLDER_NORMALISATIONS)
@@ -243,8 +251,9 @@ def ingest_image_folder(
         where = f"{csv} row {i + 2}"
         if not rec[image_column].strip() or not rec[patient_column].strip():
             raise IngestError(f"{where}: empty {image_column!r} or {patient_column!r}")
-        img = csv.parent / rec[image_column].strip()
-        mask = csv.parent / rec[mask_column].strip() if mask_column and rec[mask_column].strip() else None
+        img = source_file(csv.parent, rec[image_column].strip(), f"{where}, column {image_column!r}", allow_outside)
+        mask = (source_file(csv.parent, rec[mask_column].strip(), f"{where}, column {mask_column!r}", allow_outside)
+                if mask_column and rec[mask_column].strip() else None)
         for f in (img, mask):
             if f is not None and not f.is_file():
                 raise IngestError(f"{where}: file {f} not found")

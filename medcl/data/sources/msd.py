@@ -9,6 +9,8 @@ labels nearest-exact, so no new label values appear); intensities are
 normalised per volume and per channel *before* resizing (default: clip to the
 0.5th-99.5th percentile, scale to [0, 1]). A 4D image (X, Y, Z, M) becomes M
 channels. ``patient_id`` = ``volume_id`` = case name (``hippocampus_001``).
+The files ``dataset.json`` lists must lie inside the task folder, symlinks
+resolved, unless ``allow_outside_paths`` is set.
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ from medcl.data.schema import SPLITS
 from medcl.data.sources.common import (
     NORMALISATIONS,
     IngestError,
+    check_bool,
     check_choice,
     check_int,
     normalise,
     resize_images,
     resize_masks,
     run_ingest,
+    source_file,
 )
 from medcl.data.splits import check_split_ratios, split_patients
 
@@ -56,14 +60,17 @@ def _nifti_files(folder: Path) -> list[Path]:
                   if p.name.endswith(_NII) and not p.name.startswith("."))
 
 
-def _read_dataset_json(root: Path) -> dict:
+def _read_dataset_json(root: Path, allow_outside: bool) -> dict:
     path = root / "dataset.json"
     if not path.is_file():
         raise IngestError(f"{path}: not found; an MSD task folder needs dataset.json, imagesTr/ and labelsTr/")
     try:
         meta = json.loads(path.read_text())
         labels = {int(k): str(v) for k, v in meta["labels"].items()}
-        training = [(root / e["image"], root / e["label"]) for e in meta["training"]]
+        training = [tuple(source_file(root, e[key], f"{path} training[{i}].{key}", allow_outside)
+                          for key in ("image", "label")) for i, e in enumerate(meta["training"])]
+    except IngestError:
+        raise
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise IngestError(f"{path}: invalid dataset.json ({type(e).__name__}: {e}); expected 'labels' "
                           "{index: name} and 'training' [{'image', 'label'}]") from e
@@ -153,6 +160,7 @@ def ingest_msd(
     split_ratios: Sequence[float] = (0.5, 0.25, 0.25),
     split_seed: int = 0,
     rows_per_shard: int = 2048,
+    allow_outside_paths: bool = False,
     force: bool = False,
 ) -> Manifest:
     """Ingest a Decathlon task folder (``dataset.json``, ``imagesTr/``, ``labelsTr/``) as 2D slices.
@@ -169,6 +177,8 @@ def ingest_msd(
         split_ratios: (train, val, test) patient fractions (paper: 50/25/25).
         split_seed: Seed of the patient split.
         rows_per_shard: Rows per shard file.
+        allow_outside_paths: Read files that ``dataset.json`` lists outside the task folder
+            (absolute, ``../``, or through a symlink); by default such an entry is an error.
         force: Rebuild even if ``out_dir`` is up to date.
 
     Returns:
@@ -176,8 +186,9 @@ def ingest_msd(
         extras ``dataset_name``, ``modalities``, ``axis``, ``slices_dropped``.
 
     Raises:
-        IngestError: missing or unpaired files, corrupt NIfTI, image/label shape
-            mismatch, label values outside dataset.json, NaN/inf, bad option.
+        IngestError: missing or unpaired files, a file outside the task folder, corrupt
+            NIfTI, image/label shape mismatch, label values outside dataset.json, NaN/inf,
+            bad option.
     """
     root = Path(source_dir).absolute()
     if not root.is_dir():
@@ -186,9 +197,10 @@ def ingest_msd(
     axis = check_int("axis", axis, -3, 2) % 3
     check_choice("normalisation", normalisation, NORMALISATIONS)
     min_fg = check_int("min_foreground_pixels", min_foreground_pixels, 0)
+    allow_outside = check_bool("allow_outside_paths", allow_outside_paths)
     try:
         ratios = check_split_ratios(split_ratios)
-        meta = _read_dataset_json(root)
+        meta = _read_dataset_json(root, allow_outside)
         cases = _pair_cases(root, meta["training"])
         assignment = split_patients([c for c, _, _ in cases], ratios, split_seed)
     except IngestError:
