@@ -1,7 +1,9 @@
 """``medcl`` command line: parse, call one library function per verb, print.
 
 Verbs: ingest, pretrain, finetune, run, sweep, report, validate.
-Errors in user input exit with status 2 and one message naming the file, key or value.
+Errors in user input exit with status 2 and one message naming the file, key or value; runtime
+failures (an unreachable MLflow server, a failed wave, a full disk, a NaN loss) with status 1 and one
+message; ``--verbose`` adds the traceback. An interruption exits with 130.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -119,7 +122,9 @@ def _stage_parser(sub: argparse._SubParsersAction, verb: str, kinds: Sequence[st
     parser.add_argument("--config", default=None, help="YAML file with the stage's keys")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override stage keys")
     parser.add_argument("--out", default="medcl_runs", help="storage path for checkpoints (default medcl_runs)")
-    parser.add_argument("--name", default=None, help="run name; the same name resumes (default: the stage kind)")
+    parser.add_argument("--name", default=None,
+                        help="run name; the same name resumes, with the same settings only "
+                             "(default: <stage>-<hash of the settings and the dataset>)")
     parser.add_argument("--smoke-test", action="store_true", help="one epoch, tiny batches")
     _add_scaling(parser)
     parser.set_defaults(func=_cmd_stage)
@@ -128,8 +133,11 @@ def _stage_parser(sub: argparse._SubParsersAction, verb: str, kinds: Sequence[st
 def _cmd_stage(args: argparse.Namespace) -> int:
     from medcl.config.binder import apply_overrides, load_yaml
     from medcl.config.stages import ScalingSpec, stage_config_from_dict
+    from medcl.runner.lock import run_lock
     from medcl.runner.session import init_ray
+    from medcl.storage import resolve_storage
     from medcl.train.driver import run_stage
+    from medcl.train.run_record import check_stage_resumable, stage_run_name
 
     data = load_yaml(args.config) if args.config else {}
     data["kind"] = args.stage
@@ -141,8 +149,12 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     if not (Path(args.data) / "manifest.json").is_file():
         raise UserError(f"--data: no medcl dataset at {args.data} (manifest.json missing); "
                         "make one with `medcl ingest`")
-    init_ray(args.address, verbose=args.verbose)
-    result = run_stage(cfg, args.data, scaling=scaling, storage_path=args.out, name=args.name or args.stage)
+    name = args.name or stage_run_name(cfg, args.data)
+    with run_lock(f"{resolve_storage(args.out)}/{name}", f"stage run {name!r}"):  # one run per name at a time
+        resuming = check_stage_resumable(cfg, args.data, args.out, name)  # other settings under this name: exit 2
+        logger.info("%s stage run %s in %s", "resuming" if resuming else "starting", name, args.out)
+        init_ray(args.address, verbose=args.verbose)
+        result = run_stage(cfg, args.data, scaling=scaling, storage_path=args.out, name=name)
     print(json.dumps({"checkpoint": result.checkpoint, "metrics": result.metrics}, indent=2, default=float))
     return 0
 
@@ -259,7 +271,7 @@ def _validate_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from medcl.config.binder import load_yaml
 
-    data = load_yaml(args.file)
+    data = load_yaml(args.file, problems=[])  # duplicate keys are reported with the file's other problems
     if "space" in data:
         from medcl.config.sweep import load_sweep
 
@@ -314,6 +326,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         again = "the same command with --resume" if args.verb == "sweep" else "the same command again"
         print(f"medcl {args.verb}: interrupted; run {again} to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # a runtime failure (MLflow unreachable, failed wave, full disk, NaN loss): exit 1
+        from medcl.runner.failures import describe_error
+
+        if args.verbose:
+            traceback.print_exc()
+        print(f"medcl {args.verb}: error: {describe_error(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

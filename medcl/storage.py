@@ -1,27 +1,105 @@
 """Where runs are stored: a local directory or a remote URI (``s3://``, ``gs://``), and small JSON side files there.
 
+A location that crosses a stage (a checkpoint handed to the next stage, the
+``init_from`` a CLI run prints) is a local path or a full URI: Ray's
+``Checkpoint.path`` is a path *on* ``Checkpoint.filesystem`` (``s3://bucket/x``
+becomes ``bucket/x``), so :func:`location` puts the scheme back, and
+:func:`local_copy` opens either kind as a local directory. Credentials and a
+custom endpoint come from the environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...), which pyarrow reads, not from the URI.
+
 Local writes go to a temporary name first, then are renamed, so a reader never
 sees half a file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["resolve_storage", "read_json", "write_json"]
+__all__ = ["is_uri", "local_copy", "location", "resolve_storage", "read_json", "write_json"]
+
+# pyarrow filesystem type_name -> URI scheme that pyarrow.fs.FileSystem.from_uri reads back.
+_SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs", "mock": "mock"}
+
+
+def is_uri(path: str | os.PathLike | None) -> bool:
+    """Whether ``path`` is a URI (``s3://bucket/x``) rather than a local path."""
+    return path is not None and "://" in str(path)
 
 
 def resolve_storage(path: str | Path) -> str:
     """Absolute local path, or a URI (``s3://bucket/prefix``) left as it is."""
     text = str(path)
-    return text if "://" in text else str(Path(text).resolve())
+    return text if is_uri(text) else str(Path(text).resolve())
+
+
+def location(filesystem: Any, path: str) -> str:
+    """The local path or full URI of ``path`` on a pyarrow ``filesystem`` (e.g. a Ray checkpoint's two halves).
+
+    Args:
+        filesystem: A ``pyarrow.fs.FileSystem`` (``LocalFileSystem``, ``S3FileSystem``, ...).
+        path: A path on it, as Ray keeps it (``bucket/prefix/checkpoint_000001``).
+
+    Returns:
+        ``path`` for the local filesystem, else ``<scheme>://<path>`` (``s3://bucket/prefix/checkpoint_000001``).
+
+    Raises:
+        ValueError: A filesystem that a URI cannot name (a custom one passed to Ray as ``storage_filesystem``).
+    """
+    import pyarrow.fs
+
+    if isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        return path
+    scheme = _SCHEMES.get(filesystem.type_name)
+    if scheme is None:
+        raise ValueError(f"cannot name {path!r} on a {filesystem.type_name!r} filesystem as a URI; "
+                         f"use a local path or one of {', '.join(sorted(_SCHEMES.values()))}://")
+    return f"{scheme}://{path.lstrip('/')}"
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike, files: tuple[str, ...] | None = None) -> Iterator[Path]:
+    """A local path for ``path``: itself when local, else a temporary copy of the file or directory it names.
+
+    Args:
+        path: A local path, or a URI of a file or directory (``s3://bucket/run/checkpoint_000001``).
+        files: Copy only these names of a remote directory (e.g. ``("model.pt",)``); None copies it all.
+
+    Yields:
+        The local path; a copy is removed when the block ends.
+
+    Raises:
+        FileNotFoundError: A URI that names nothing, or a directory without one of ``files``.
+    """
+    if not is_uri(path):
+        yield Path(path)
+        return
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(str(path))
+    info = fs.get_file_info(base)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"{path} does not exist")
+    with tempfile.TemporaryDirectory(prefix="medcl-fetch-") as tmp:
+        local = Path(tmp) / Path(base).name
+        if info.type == pyarrow.fs.FileType.File or files is None:
+            pyarrow.fs.copy_files(base, str(local), source_filesystem=fs)
+        else:
+            local.mkdir()
+            for name in files:
+                if fs.get_file_info(f"{base}/{name}").type != pyarrow.fs.FileType.File:
+                    raise FileNotFoundError(f"{str(path).rstrip('/')}/{name} does not exist")
+                pyarrow.fs.copy_files(f"{base}/{name}", str(local / name), source_filesystem=fs)
+        yield local
 
 
 def read_json(root: str, name: str) -> dict[str, Any] | None:
     """``root/name`` parsed, or None when the file does not exist."""
-    if "://" not in root:
+    if not is_uri(root):
         path = Path(root) / name
         return json.loads(path.read_text()) if path.is_file() else None
     import pyarrow.fs
@@ -37,7 +115,7 @@ def read_json(root: str, name: str) -> dict[str, Any] | None:
 def write_json(root: str, name: str, data: dict[str, Any]) -> None:
     """Write ``data`` to ``root/name`` (creating ``root``)."""
     text = json.dumps(data, indent=2, sort_keys=True)
-    if "://" not in root:
+    if not is_uri(root):
         path = Path(root) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

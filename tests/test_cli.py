@@ -165,3 +165,111 @@ def test_console_script_runs(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert "dataset: required key is missing" in done.stderr and done.stdout == ""
+
+
+# ------------------------------------------------------------------ runtime failures (issue 13) ----
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_runtime_failure_is_one_line_with_exit_1_and_verbose_adds_the_traceback(tmp_path, capsys):
+    server = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: an unreachable MLflow server
+    argv = ["report", "--pipeline", "p", "--tracking-uri", server, "--out", str(tmp_path / "r")]
+    code, out, err = _run([*argv, "-q"], capsys)
+    assert code == 1 and out == ""
+    assert err.splitlines() == [err.strip()]  # exactly one line
+    assert err.startswith(f"medcl report: error: MLflow tracking server {server} is unreachable")
+    assert "Traceback" not in err
+    code, _, err = _run([*argv, "--verbose"], capsys)
+    assert code == 1
+    assert "Traceback (most recent call last)" in err and "TrackingError" in err
+    assert err.strip().splitlines()[-1].startswith("medcl report: error: MLflow tracking server")
+
+
+def test_a_full_disk_says_what_to_do_and_ray_wrappers_are_taken_off():
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from medcl.runner.failures import describe_error
+
+    with open("/dev/full", "wb", buffering=0) as fh, pytest.raises(OSError) as info:
+        fh.write(b"x")  # every write to /dev/full fails with ENOSPC
+    message = describe_error(info.value)
+    assert message.startswith("no space left on device") and "run the same command again to resume" in message
+    # a trial's error (Tune) and a Train worker's error arrive wrapped, with a remote traceback in their text
+    task = RayTaskError("train", "Traceback (most recent call last):\n  ...", KeyError("image"))
+    assert describe_error(task) == "KeyError: 'image'"
+    group = WorkerGroupError("Training failed due to worker errors", {1: info.value})
+    assert describe_error(group).startswith("no space left on device")
+
+
+# ------------------------------------------------------------------ single-stage run names (issue 13) ----
+STAGE_YAML = """\
+temperature: 0.5
+max_epochs: 1
+batch_size_per_worker: 4
+model: {features: [8, 16], norm: batch}
+"""
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    from medcl.data.ingest import ingest
+
+    ingest("synthetic", None, tmp_path / "data", {"num_patients": 6, "images_per_patient": 4, "size": 16, "seed": 0})
+    return tmp_path / "data"
+
+
+def test_a_stage_run_is_named_after_its_settings_and_refuses_other_settings_under_its_name(tiny_dataset, tmp_path,
+                                                                                           capsys):
+    from medcl.config import GlobalPretrainConfig
+    from medcl.train.run_record import check_stage_resumable, stage_run_name, write_stage_record
+
+    cfg = GlobalPretrainConfig(lr=1e-3)
+    name = stage_run_name(cfg, tiny_dataset)
+    assert name.startswith("global_pretrain-") and name == stage_run_name(GlobalPretrainConfig(lr=1e-3), tiny_dataset)
+    assert stage_run_name(GlobalPretrainConfig(lr=1e-2), tiny_dataset) != name
+    assert stage_run_name(GlobalPretrainConfig(lr=1e-3, init_from=tmp_path / "ckpt"), tiny_dataset) != name
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_bytes((tiny_dataset / "manifest.json").read_bytes())
+    assert stage_run_name(cfg, other) != name  # another dataset
+
+    # a run records its settings; the same settings resume, other ones are refused naming what changed
+    out = tmp_path / "runs"
+    assert check_stage_resumable(cfg, tiny_dataset, out, name) is False
+    write_stage_record(cfg, tiny_dataset, out, name)
+    assert check_stage_resumable(GlobalPretrainConfig(lr=1e-3), tiny_dataset, out, name) is True
+    with pytest.raises(ValueError, match=r"lr 0\.001 -> 0\.01"):
+        check_stage_resumable(GlobalPretrainConfig(lr=1e-2), tiny_dataset, out, name)
+    # the command line refuses before Ray starts (exit 2)
+    code, _, err = _run(["pretrain", "--data", str(tiny_dataset), "--stage", "global_pretrain", "--name", name,
+                         "--out", str(out), "--set", "lr=0.01", "-q"], capsys)
+    _assert_user_error(code, err, f"stage run {name!r} at {out / name} was started with other settings",
+                       "lr 0.001 -> 0.01", "leave --name out")
+
+
+@pytest.mark.ray
+def test_two_stage_runs_with_other_settings_do_not_share_a_result(ray_session, tiny_dataset, tmp_path, capsys):
+    config = tmp_path / "stage.yaml"
+    config.write_text(STAGE_YAML)
+    base = ["pretrain", "--data", str(tiny_dataset), "--stage", "global_pretrain", "--config", str(config),
+            "--out", str(tmp_path / "runs"), "-q"]
+    code, out, err = _run(base, capsys)
+    assert code == 0, err
+    first = json.loads(out)
+    code, out, err = _run([*base, "--set", "temperature=0.2"], capsys)
+    assert code == 0, err
+    second = json.loads(out)
+    # each run trained its own model in its own directory, named after its settings
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(r.startswith("global_pretrain-") for r in runs)
+    assert Path(first["checkpoint"]).parent.name != Path(second["checkpoint"]).parent.name
+    assert {Path(first["checkpoint"]).parent.name, Path(second["checkpoint"]).parent.name} == set(runs)
+    assert first["metrics"]["train/loss"] != second["metrics"]["train/loss"]
+    stage = json.loads((Path(second["checkpoint"]).parent / "stage.json").read_text())
+    assert stage["config"]["temperature"] == 0.2

@@ -8,6 +8,10 @@ Modules (top-down):
     stage_tags: which stage a checkpoint of a chain trial belongs to (resume stage by stage).
     tuner: where a trial runs and what it reserves; the one restore-or-new ``Tuner``; trial states.
     datasets: the dataset directory (ingested once) and the Ray Datasets of a set of stages, built once.
+    interrupt: Ctrl-C during a wave (each running job parks at its next checkpoint; RunInterrupted -> exit 130).
+    disk: checkpoint bytes per job and the free-space check before a run.
+    lock: one run per name at a time (host, pid; stale locks reclaimed).
+    failures: one readable line for a runtime error (Ray's wrappers removed; NaN loss fails without retry).
     ray_shims: every workaround touching Ray internals.
     session: start or join Ray; progress: compact progress lines (a Tune callback).
 

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcl.config.pipeline import PipelineConfig
+from medcl.runner.failures import describe_error
 from medcl.runner.plan import PLAN_FILE, Job, check_resumable, plan_jobs, plan_record, run_root
 
 if TYPE_CHECKING:
+    from medcl.runner.failures import ParentRunGuard
     from medcl.runner.trial import TrialPlan
 
 logger = logging.getLogger(__name__)
@@ -70,24 +72,36 @@ def _trial(config: dict[str, Any], pipeline: PipelineConfig, jobs: dict[str, Job
 
     Its name (``_trial``) is stored in the wave's Tune experiment: ``Tuner.restore`` needs the same.
     """
-    from medcl.runner.trial import TrialRun, run_trial
+    from medcl.runner.failures import no_retry
+    from medcl.runner.trial import TrialRun, parent_checkpoint, run_trial
 
     job = jobs[config["job"]]
     stage_cfg = job.config
     if job.parent is not None:
-        stage_cfg = dataclasses.replace(stage_cfg, init_from=Path(checkpoints[job.parent]))
+        stage_cfg = dataclasses.replace(stage_cfg, init_from=parent_checkpoint(job, checkpoints))
     run = TrialRun(job.key, params=_job_params(pipeline, job),
                    tags={"medcl.role": "final" if job.methods else "pretrain",
                          "medcl.method": ",".join(job.methods) or "none",
                          "medcl.dataset": str(pipeline.dataset.path)})
-    run_trial(plan, [(job.stage, stage_cfg)], run)
+    with no_retry(f"job {job.key}"):  # a NaN loss ends the trial with a report, not an error Tune retries
+        run_trial(plan, [(job.stage, stage_cfg)], run)
 
 
 def _run_wave(cfg: PipelineConfig, depth: int, wave: list[Job], jobs: dict[str, Job],
               checkpoints: dict[str, str | None], plan: TrialPlan, callbacks: list) -> dict[str, Any]:
-    """One Tune experiment over the jobs of one depth; resumes a previous attempt of it."""
+    """One Tune experiment over the jobs of one depth; resumes a previous attempt of it.
+
+    Returns only when every job of the wave finished: Ctrl-C parks the running jobs at their next
+    checkpoint (:mod:`medcl.runner.interrupt`) and raises; nothing unfinished is handed on.
+
+    Raises:
+        RunInterrupted: The wave was interrupted; its unfinished jobs resume from their latest checkpoints.
+        RuntimeError: Jobs of the wave failed.
+    """
     from ray import tune
 
+    from medcl.runner.interrupt import RunInterrupted, stop_at_next_checkpoint
+    from medcl.runner.ray_shims import forget_pending_decisions
     from medcl.runner.tuner import open_tuner
 
     trainable = tune.with_resources(
@@ -95,21 +109,36 @@ def _run_wave(cfg: PipelineConfig, depth: int, wave: list[Job], jobs: dict[str, 
         plan.placement.resources,
     )
     storage = run_root(cfg.storage_path, cfg.name)
-    if tune.Tuner.can_restore(f"{storage}/wave{depth}"):
-        logger.info("resuming wave %d from %s", depth, f"{storage}/wave{depth}")
-    # A restored wave calls the callbacks Tune pickled at its first start (restore_callbacks=False).
-    tuner = open_tuner(trainable, storage, f"wave{depth}", param_space={"job": tune.grid_search([j.key for j in wave])},
-                       tune_options={"max_concurrent_trials": cfg.max_concurrent_trials}, callbacks=callbacks,
-                       max_failures=cfg.scaling.max_failures, restore_callbacks=False)
-    grid = tuner.fit()
+    experiment = f"{storage}/wave{depth}"
+    if tune.Tuner.can_restore(experiment):
+        logger.info("resuming wave %d from %s", depth, experiment)
+        forget_pending_decisions(experiment)
+    with stop_at_next_checkpoint() as drain:
+        # Each job keeps its latest checkpoint only: the one it hands on (and resumes from).
+        tuner = open_tuner(trainable, storage, f"wave{depth}",
+                           param_space={"job": tune.grid_search([j.key for j in wave])},
+                           tune_options={"max_concurrent_trials": cfg.max_concurrent_trials},
+                           callbacks=[*callbacks, drain.callback], max_failures=cfg.scaling.max_failures,
+                           keep_checkpoints=1, scheduler=drain.scheduler)
+        grid = tuner.fit()
+    # Tune returns normally when interrupted: the state it saved says which trials ended.
+    status = {trial.config["job"]: trial.status for trial in tune.ExperimentAnalysis(experiment).trials}
     out: dict[str, Any] = {}
     errors = []
     for result in grid:
         key = result.config["job"]
         if result.error is not None:
-            errors.append(f"{key}: {result.error}")
-            continue
-        out[key] = result
+            errors.append(f"{key}: {describe_error(result.error)}")
+        elif status.get(key) == "TERMINATED":
+            out[key] = result
+    unfinished = sorted(job.key for job in wave if job.key not in out and status.get(job.key) != "ERROR")
+    if unfinished and (drain.requested or not errors):
+        more = f" (+{len(unfinished) - 3} more)" if len(unfinished) > 3 else ""
+        message = (f"pipeline {cfg.name!r} interrupted in wave {depth}: {len(unfinished)} job(s) not finished "
+                   f"({', '.join(unfinished[:3])}{more}); run the same command again to finish them from their "
+                   "latest checkpoints")
+        logger.warning("%s", message)
+        raise RunInterrupted(message)
     if errors:
         raise RuntimeError(f"{len(errors)} job(s) of wave {depth} failed (re-run the same command to resume):\n  "
                            + "\n  ".join(errors))
@@ -120,6 +149,11 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
                  report: bool = True) -> PipelineResult:
     """Run every job of ``cfg`` (Ray must be initialised), then write the label-efficiency report.
 
+    One run per name at a time (:func:`~medcl.runner.lock.run_lock`). The plan is recorded
+    (``plan.json``) and the MLflow parent run started only once every job's datasets are built, so a
+    run that fails at start-up binds its name to nothing; a run that fails later ends its parent run
+    FAILED (KILLED when interrupted).
+
     Args:
         cfg: The validated pipeline.
         config_text: The pipeline file's text, logged as an artifact of the parent run.
@@ -128,11 +162,24 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
 
     Raises:
         ValueError: A run of this name was started with another plan (:func:`~medcl.runner.plan.check_resumable`).
-        RuntimeError: Jobs of a wave failed (re-running the same pipeline resumes).
+        RuntimeError: Jobs of a wave failed (re-running the same pipeline resumes; a job whose loss became
+            NaN is not retried); :class:`~medcl.runner.lock.RunLockedError`: a run of this name is running.
     """
+    from medcl.runner.failures import ParentRunGuard
+    from medcl.runner.lock import run_lock
+
+    with run_lock(run_root(cfg.storage_path, cfg.name), f"pipeline {cfg.name!r}"), ParentRunGuard() as guard:
+        return _run_pipeline(cfg, config_text=config_text, callbacks=callbacks, report=report, guard=guard)
+
+
+def _run_pipeline(cfg: PipelineConfig, *, config_text: str | None, callbacks: list | None, report: bool,
+                  guard: ParentRunGuard) -> PipelineResult:
+    """:func:`run_pipeline` under the run's lock; ``guard`` ends the parent run when this raises."""
     from medcl import tracking as mlt
     from medcl.runner.datasets import prepare_dataset, stage_streams
-    from medcl.runner.trial import TrialPlan, handover_path
+    from medcl.runner.disk import check_pipeline_disk
+    from medcl.runner.failures import raise_terminal_errors
+    from medcl.runner.trial import TrialPlan, handover_path, parent_checkpoint
     from medcl.runner.tuner import trial_placement
     from medcl.storage import write_json
 
@@ -142,20 +189,22 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
     cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=Path(dataset_dir).resolve()))
     target = mlt.configure_tracking(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
                                     workdir=cfg.tracking.workdir)
+    jobs = plan_jobs(cfg)
+    check_pipeline_disk(cfg, jobs)  # logs the checkpoints' size; refuses a run that would not fit on disk
+    streams: dict[Any, Any] = {}  # built first: a job whose data cannot be read fails before anything is recorded
+    stage_streams([(job.key, job.config) for job in jobs], str(cfg.dataset.path), cache=streams)
     parent = mlt.parent_run_id(target, cfg.name, params={"pipeline": cfg.name, "metric": cfg.metric,
                                                           "label_fractions": cfg.label_fractions,
                                                           "seeds": cfg.seeds, "methods": list(cfg.methods)},
                                tags={"medcl.role": "pipeline", "medcl.dataset": str(cfg.dataset.path)},
                                reopen_finished=resuming)
+    guard.watch(lambda status: mlt.end_parent_run(target, parent, status=status))
     if config_text is not None:
         mlt.log_text(target, parent, config_text, "pipeline.yaml")
-    jobs = plan_jobs(cfg)
     write_json(root, PLAN_FILE, plan_record(cfg, jobs))
     by_key = {job.key: job for job in jobs}
     checkpoints: dict[str, str | None] = {}
     metrics: dict[str, dict[str, float]] = {}
-    streams: dict[Any, Any] = {}
-    stage_streams([(job.key, job.config) for job in jobs], str(cfg.dataset.path), cache=streams)
     scaling = cfg.scaling
     plan = TrialPlan(
         tracking={"target": {"tracking_uri": target.tracking_uri, "experiment": cfg.tracking.experiment,
@@ -167,8 +216,11 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
         streams=streams, stage_tags=False)
     for depth in sorted({job.depth for job in jobs}):
         wave = [job for job in jobs if job.depth == depth]
+        for job in wave:
+            parent_checkpoint(job, checkpoints)  # a parent without a checkpoint stops the run here, naming the job
         logger.info("wave %d: %d job(s)", depth, len(wave))
         results = _run_wave(cfg, depth, wave, by_key, checkpoints, plan, callbacks or [])
+        raise_terminal_errors(depth, results)
         for key, result in results.items():
             checkpoints[key] = handover_path(result.checkpoint)
             metrics[key] = dict(result.metrics or {})

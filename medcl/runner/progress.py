@@ -24,6 +24,7 @@ class ProgressCallback(Callback):
         self.total = total
         self.stream = stream or sys.stderr
         self._start: dict[str, float] = {}
+        self._last: dict[str, int] = {}  # trial id -> epoch last printed
         self._done = 0
 
     def _name(self, trial: Any) -> str:
@@ -38,6 +39,10 @@ class ProgressCallback(Callback):
         if self.quiet or "epoch" not in result:
             return
         epoch = int(result["epoch"]) + 1
+        # A stage on a TorchTrainer reports its last epoch twice (the epoch, then the hand-over checkpoint).
+        if self._last.get(trial.trial_id) == epoch:
+            return
+        self._last[trial.trial_id] = epoch
         total = int(trial.config.get("max_epochs", 0) or result.get("max_epochs", 0) or 0)
         elapsed = time.monotonic() - self._start.get(trial.trial_id, time.monotonic())
         eta = f", eta {elapsed / epoch * (total - epoch):.0f}s" if total and epoch < total else ""

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["forget_pending_decisions", "use_callbacks_after_restore"]
+__all__ = ["forget_pending_decisions", "interrupt_tune_run", "use_callbacks_after_restore", "use_scheduler"]
 
 
 def forget_pending_decisions(experiment: str) -> None:
@@ -62,3 +63,29 @@ def use_callbacks_after_restore(tuner: Any, callbacks: list) -> None:
     ``RunConfig`` that ``fit()`` uses.
     """
     tuner._local_tuner.get_run_config().callbacks = callbacks
+
+
+def use_scheduler(tuner: Any, scheduler: Any) -> None:
+    """Make a new or restored ``tune.Tuner`` run with ``scheduler`` instead of the one in its ``TuneConfig``.
+
+    ``Tuner.restore`` (2.60) takes no ``tune_config``: the restored one, with its
+    scheduler, comes from ``tuner.pkl``. The scheduler is replaced on the private
+    ``Tuner._local_tuner._tune_config`` (read by ``fit()``); ``tuner.pkl`` keeps the
+    one the Tuner was created with (Tune's FIFO by default), so it never refers to a
+    medcl class.
+    """
+    tuner._local_tuner._tune_config.scheduler = scheduler
+
+
+def interrupt_tune_run() -> None:
+    """Stop the ``Tuner.fit()`` running in this process's main thread as a Ctrl-C would.
+
+    Tune (2.60, ``tune.py: _setup_signal_catching``) always handles SIGUSR1 like its
+    SIGINT: it stops the trials, saves the experiment state and returns normally.
+
+    Raises:
+        KeyboardInterrupt: No handler for SIGUSR1 is set (Tune is not running here yet).
+    """
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        raise KeyboardInterrupt
+    os.kill(os.getpid(), signal.SIGUSR1)

@@ -43,6 +43,7 @@ from medcl.runner.sweep_summary import SweepResult, TrialSummary, format_value, 
 from medcl.storage import read_json, write_json
 
 if TYPE_CHECKING:
+    from medcl.runner.failures import ParentRunGuard
     from medcl.runner.trial import TrialPlan
 
 logger = logging.getLogger(__name__)
@@ -240,7 +241,21 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, callbacks: list | Non
     Raises:
         ValueError: The sweep exists and ``resume`` is False, there is nothing to resume,
             or the sweep was started with a different configuration.
+        RunLockedError: A sweep of this name is running (:func:`~medcl.runner.lock.run_lock`).
+
+    A sweep that raises ends its MLflow run FAILED (KILLED when interrupted).
     """
+    from medcl.runner.failures import ParentRunGuard
+    from medcl.runner.lock import run_lock
+
+    with run_lock(run_root(sweep.storage_path, sweep.name), f"sweep {sweep.name!r}"), ParentRunGuard() as guard:
+        return _run_sweep(sweep, resume=resume, callbacks=callbacks, num_workers=num_workers, use_gpu=use_gpu,
+                          guard=guard)
+
+
+def _run_sweep(sweep: SweepConfig, *, resume: bool, callbacks: list | None, num_workers: int | None,
+               use_gpu: bool | None, guard: ParentRunGuard) -> SweepResult:
+    """:func:`run_sweep` under the sweep's lock; ``guard`` ends the sweep's MLflow run when this raises."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -265,6 +280,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, callbacks: list | Non
     target = mlt.configure_tracking(tracking_uri=sweep.tracking.tracking_uri, experiment=sweep.tracking.experiment,
                                     workdir=sweep.tracking.workdir)
     parent = _parent_run(sweep, target, sidecar, root, dataset_dir)
+    guard.watch(lambda status: _end_sweep_run(target, parent, status))
 
     if can_restore:
         forget_pending_decisions(experiment)
@@ -297,11 +313,7 @@ def run_sweep(sweep: SweepConfig, *, resume: bool = False, callbacks: list | Non
                                      "search_alg": BasicVariantGenerator(random_state=sweep.search_seed,
                                                                          max_concurrent=sweep.max_concurrent_trials)},
                        max_failures=sweep.max_failures, keep_checkpoints=2)
-    try:
-        grid = tuner.fit()
-    except BaseException:
-        _end_sweep_run(target, parent, "KILLED")
-        raise
+    grid = tuner.fit()
     states = {result.path.rsplit("/", 1)[-1]: tracker.states.get(result.path.rsplit("/", 1)[-1], "PENDING")
               for result in grid}
     if "ERROR" in states.values():

@@ -14,8 +14,13 @@ a restored trial continues at the stage its latest checkpoint names; after a
 ``TorchTrainer`` stage the trial reports a small tag-only checkpoint that points
 at the stage's final Train checkpoint. Pipeline jobs are untagged
 (``TrialPlan.stage_tags=False``): each job is a trial of its own, resumed by its
-wave, and its Tune checkpoints and reports are exactly the stage loop's, which the
-wave hands on to the next jobs (:func:`handover_path`).
+wave, and its Tune checkpoints and reports are exactly the stage loop's (inline), or
+the ``TorchTrainer``'s reports and then that tag-only checkpoint, which the wave
+hands on to the next jobs (:func:`handover_path`, :func:`parent_checkpoint`).
+``TuneReportCallback`` forwards a Train checkpoint to Tune only as the metric
+``checkpoint_path``, so without the tag-only checkpoint Tune would keep none.
+Hand-overs are local paths or full URIs (:func:`medcl.storage.location`): Ray's
+``Checkpoint.path`` alone drops the ``s3://`` of remote storage.
 
 MLflow: the trial's child run (named after the job key or the trial id, found
 again after a restore) gets the trial's parameters and, when it ends FINISHED,
@@ -38,14 +43,16 @@ from medcl.config.binder import to_dict
 from medcl.config.stages import StageConfig
 from medcl.runner.datasets import stage_streams
 from medcl.runner.stage_tags import ChainStageContext, numeric, read_tag, write_tag
+from medcl.storage import is_uri, location
 
 if TYPE_CHECKING:
+    from medcl.runner.plan import Job
     from medcl.runner.tuner import TrialPlacement
     from medcl.tracking import ChildRun, TrackingTarget
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrialPlan", "TrialRun", "handover_path", "run_trial", "stage_params"]
+__all__ = ["TrialPlan", "TrialRun", "handover_path", "parent_checkpoint", "run_trial", "stage_params"]
 
 
 @dataclass(frozen=True)
@@ -98,11 +105,36 @@ def handover_path(checkpoint: Any) -> str | None:
     """Where the model a trial hands on is, given its final Tune checkpoint (``result.checkpoint``), or None.
 
     A tag-only checkpoint points at the stage's Train checkpoint; any other is the stage's own.
+
+    Returns:
+        A local path or a full URI (``s3://bucket/...``), or None for no checkpoint.
     """
     if checkpoint is None:
         return None
     tag = read_tag(checkpoint)
-    return (tag or {}).get("model_dir") or checkpoint.path
+    return (tag or {}).get("model_dir") or location(checkpoint.filesystem, checkpoint.path)
+
+
+def parent_checkpoint(job: Job, checkpoints: dict[str, str | None]) -> str | Path | None:
+    """The checkpoint pipeline job ``job`` starts from: what its parent job handed over (None for a first stage).
+
+    Args:
+        job: The job.
+        checkpoints: Job key -> :func:`handover_path` of the jobs that finished.
+
+    Returns:
+        A local ``Path``, a URI string (kept as text: a ``Path`` folds ``s3://`` to ``s3:/``), or None.
+
+    Raises:
+        RuntimeError: The parent job finished without a checkpoint, naming both jobs.
+    """
+    if job.parent is None:
+        return None
+    handed = checkpoints.get(job.parent)
+    if handed is None:
+        raise RuntimeError(f"job {job.key!r} cannot start: its parent job {job.parent!r} finished without a "
+                           f"checkpoint to hand over (its Tune result has none)")
+    return handed if is_uri(handed) else Path(handed)
 
 
 def run_trial(plan: TrialPlan, stages: list[tuple[str, StageConfig]], run: TrialRun) -> None:
@@ -199,24 +231,28 @@ def _run_stage(plan: TrialPlan, index: int, name: str, cfg: StageConfig, streams
 
     result = run_stage(cfg, plan.dataset_dir, scaling=placement.scaling, storage_path=plan.train_storage,
                        name=train_name, tracking=run_tracking, callbacks=[TuneReportCallback()], streams=streams)
-    if not plan.stage_tags:
-        # Known gap (issue 13): TuneReportCallback forwards a Train checkpoint to Tune only as the metric
-        # ``checkpoint_path``, so Tune keeps no checkpoint of an untagged trial; reporting the tag-only
-        # hand-over below for every trial closes it (``handover_path`` reads it).
-        return result.metrics, result.checkpoint
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {index} ({name}) ended without a checkpoint (Train run {result.run_dir})")
+    # TuneReportCallback forwards the Train checkpoint to Tune only as the metric ``checkpoint_path``: report a
+    # tag-only checkpoint that points at it (``result.checkpoint``, a path or URI), for every trial.
     metrics = numeric(result.metrics)
     with tempfile.TemporaryDirectory(prefix="medcl-stage-") as tmp:
         write_tag(tmp, {"stage_index": index, "stage": name, "epoch": cfg.max_epochs - 1, "complete": True,
                         "model_dir": result.checkpoint, "metrics": metrics})
-        tune.report({**metrics, "stage_index": index}, checkpoint=tune.Checkpoint.from_directory(tmp))
-    return metrics, result.checkpoint
+        # Pipeline jobs report the stage's metrics alone, as their inline runs do.
+        tune.report({**metrics, "stage_index": index} if plan.stage_tags else metrics,
+                    checkpoint=tune.Checkpoint.from_directory(tmp))
+    return (metrics if plan.stage_tags else result.metrics), result.checkpoint
 
 
 @contextlib.contextmanager
-def _local_dir(source: Any) -> Iterator[Path | None]:
-    """A local directory for a hand-over: None, a path (Train checkpoint) or a ``tune.Checkpoint``."""
+def _local_dir(source: Any) -> Iterator[str | Path | None]:
+    """An ``init_from`` for a hand-over: None, a path or URI (Train checkpoint, kept) or a ``tune.Checkpoint``.
+
+    A URI stays a string: the stage's workers, on any node, read it themselves (``load_model_weights``).
+    """
     if source is None or isinstance(source, (str, Path)):
-        yield Path(source) if source is not None else None
+        yield None if source is None else source if is_uri(source) else Path(source)
         return
     with source.as_directory() as path:
         yield Path(path)

@@ -4,20 +4,24 @@ A pipeline wave (``<storage_path>/<name>/wave<depth>``) and a sweep
 (``<storage_path>/<name>/tune``) are each one Tune experiment, started by
 :func:`open_tuner` or, when it exists, restored with
 ``Tuner.restore(..., resume_errored=True)``: finished trials are not run again,
-unfinished and errored ones continue from their latest checkpoints.
+unfinished and errored ones continue from their latest checkpoints. An
+experiment whose ``tuner.pkl`` is empty or unreadable (a crash while it was
+being written) starts afresh when none of its trials ran, and is refused with
+the directory to delete when some did.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any
 
 from ray.tune import Callback
 
 from medcl.config.stages import ScalingSpec
-from medcl.runner.ray_shims import use_callbacks_after_restore
+from medcl.runner.ray_shims import use_callbacks_after_restore, use_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +72,7 @@ def _trial_dirname(trial: Any) -> str:
 
 def open_tuner(trainable: Any, storage: str, name: str, *, param_space: dict[str, Any], tune_options: dict[str, Any],
                callbacks: list, max_failures: int, keep_checkpoints: int | None = None,
-               restore_callbacks: bool = True) -> Any:
+               restore_callbacks: bool = True, scheduler: Any = None) -> Any:
     """Restore the Tune experiment ``<storage>/<name>`` when it exists, else start it.
 
     Trials are named by their trial id (their directory too); Tune reuses actors and stays quiet.
@@ -80,11 +84,17 @@ def open_tuner(trainable: Any, storage: str, name: str, *, param_space: dict[str
         name: The experiment (``wave0``, ``tune``).
         param_space: Tune's (nested) search space of a new experiment.
         tune_options: Further ``tune.TuneConfig`` keywords of a new experiment (scheduler, concurrency).
-        callbacks: Tune callbacks of a new experiment, and of a restored one with ``restore_callbacks``.
+        callbacks: Tune callbacks of a new experiment, and of a restored one with ``restore_callbacks``
+            (copied: Tune appends its own logger callbacks, whose open files cannot be pickled, to the list).
         max_failures: Retries of a failed trial.
         keep_checkpoints: Tune checkpoints kept per trial (None: all).
         restore_callbacks: Give a restored experiment ``callbacks`` (else it keeps those of its first
             start, which Tune pickled with it).
+        scheduler: Run a new or restored experiment with this trial scheduler (not stored in ``tuner.pkl``);
+            None keeps the one of ``tune_options`` (or of the experiment's first start).
+
+    Raises:
+        ValueError: The experiment's ``tuner.pkl`` is unreadable but some of its trials ran.
     """
     from ray import tune
 
@@ -93,21 +103,58 @@ def open_tuner(trainable: Any, storage: str, name: str, *, param_space: dict[str
         # num_to_keep makes Tune snapshot its state before dropping old checkpoints, every few epochs
         # here; that is intended, so its "excessive snapshots" warning is noise.
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    if tune.Tuner.can_restore(experiment):
-        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
+    tuner = _restore(experiment, trainable) if tune.Tuner.can_restore(experiment) else None
+    if tuner is not None:
         if restore_callbacks:
-            use_callbacks_after_restore(tuner, callbacks)
+            use_callbacks_after_restore(tuner, list(callbacks))
+        if scheduler is not None:
+            use_scheduler(tuner, scheduler)
         return tuner
     checkpoint_config = tune.CheckpointConfig(num_to_keep=keep_checkpoints) if keep_checkpoints is not None else None
-    return tune.Tuner(
+    tuner = tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=_trial_dirname,
                                     **tune_options),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=callbacks,
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=list(callbacks),
                                   failure_config=tune.FailureConfig(max_failures=max_failures),
                                   checkpoint_config=checkpoint_config),
     )
+    if scheduler is not None:
+        use_scheduler(tuner, scheduler)
+    return tuner
+
+
+def _restore(experiment: str, trainable: Any) -> Any:
+    """``Tuner.restore(experiment)``, or None when its ``tuner.pkl`` is unreadable and none of its trials ran.
+
+    Tune writes ``tuner.pkl`` when a ``Tuner`` is created, before any trial, through an
+    output stream opened first: an error while pickling (or a kill) leaves it empty.
+
+    Raises:
+        ValueError: ``tuner.pkl`` is unreadable and the experiment has trial state.
+    """
+    from ray import tune
+
+    try:
+        return tune.Tuner.restore(experiment, trainable, resume_errored=True)
+    except (EOFError, pickle.UnpicklingError) as exc:
+        problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if any(name.startswith("experiment_state-") for name in _file_names(experiment)):
+            raise ValueError(f"the Ray Tune state {experiment}/tuner.pkl is unreadable ({problem}) although trials "
+                             f"of it ran; delete {experiment} to run its trials again from the start") from exc
+        logger.warning("the Ray Tune state %s/tuner.pkl is unreadable (%s) and no trial of it ran (left by a crash "
+                       "while it was being created): starting it afresh", experiment, problem)
+        return None
+
+
+def _file_names(directory: str) -> list[str]:
+    """Base names of the files in a local directory or under a URI."""
+    import pyarrow.fs
+
+    fs, base = (pyarrow.fs.FileSystem.from_uri(directory) if "://" in directory
+                else (pyarrow.fs.LocalFileSystem(), directory))
+    return [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(base, allow_not_found=True))]
 
 
 class TrialStates(Callback):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medcl.storage import is_uri, local_copy
 from medcl.train.runtime import unwrap
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,8 @@ def load_model_weights(path_or_dir: str | os.PathLike, map_location: Any = "cpu"
     """The model ``state_dict`` of a checkpoint, for handing weights to the next stage.
 
     Args:
-        path_or_dir: A checkpoint directory (its ``model.pt`` is read) or a ``.pt`` file.
+        path_or_dir: A checkpoint directory (its ``model.pt`` is read) or a ``.pt`` file, local or a URI
+            (``s3://bucket/run/checkpoint_000001``: only its ``model.pt`` is downloaded, to a temporary directory).
         map_location: Passed to ``torch.load``.
 
     Returns:
@@ -254,6 +256,9 @@ def load_model_weights(path_or_dir: str | os.PathLike, map_location: Any = "cpu"
         FileNotFoundError: If the path or the directory's ``model.pt`` does not exist.
         ValueError: If the file holds arbitrary pickled objects or is not a name -> tensor mapping.
     """
+    if is_uri(path_or_dir):
+        with local_copy(str(path_or_dir), files=(MODEL_FILE,)) as local:
+            return load_model_weights(local, map_location=map_location)
     path = Path(path_or_dir)
     if path.is_dir():
         path = path / MODEL_FILE

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from medcl.config.stages import ScalingSpec, StageConfig, stage_config_from_dict
 from medcl.config.binder import to_dict
 from medcl.data.streams import build_streams
-from medcl.storage import resolve_storage
-from medcl.train.loop import StageInputs, run_loop, steps_per_epoch
+from medcl.storage import location, resolve_storage
+from medcl.train.loop import NonFiniteLossError, StageInputs, run_loop, steps_per_epoch
+from medcl.train.run_record import stage_run_name, write_stage_record
 from medcl.train.stages import STAGES
 
 if TYPE_CHECKING:
@@ -29,6 +30,9 @@ __all__ = ["STAGES", "StageResult", "run_loop", "run_stage", "run_stage_inline",
            "train_loop_per_worker"]
 
 _CLASSIFICATION = ("cls_pretrain", "cls_finetune")
+# A worker's return value that stands for a NonFiniteLossError: returned, not raised, because Ray Train
+# restarts the worker group on every worker error (FailureConfig.max_failures) and this one would recur.
+_NON_FINITE = "medcl_non_finite_loss"
 
 
 @dataclass(frozen=True)
@@ -36,9 +40,10 @@ class StageResult:
     """What a finished stage hands on.
 
     Attributes:
-        checkpoint: Directory of the last checkpoint (``model.pt`` + ``meta.json``), for the next stage's ``init_from``.
+        checkpoint: Directory of the last checkpoint (``model.pt`` + ``meta.json``), for the next stage's
+            ``init_from``: a local path, or a full URI (``s3://bucket/...``) when the run is stored remotely.
         metrics: The last epoch's metrics, with evaluation metrics when the stage evaluates.
-        run_dir: Where Ray keeps the run (for resume).
+        run_dir: Where Ray keeps the run (for resume), a local path or a URI.
     """
 
     checkpoint: str | None
@@ -80,18 +85,24 @@ def train_loop_per_worker(loop_config: dict[str, Any],
 
     cfg = stage_config_from_dict(loop_config["stage"])
     inputs = StageInputs(**loop_config["inputs"])
-    return run_loop((context or RayTrainContext)(), cfg, inputs)
+    try:
+        return run_loop((context or RayTrainContext)(), cfg, inputs)
+    except NonFiniteLossError as exc:  # every rank stops at the same step (the check is all-reduced)
+        return {_NON_FINITE: str(exc)}
 
 
 def run_stage(cfg: StageConfig, dataset_dir: str | Path, *, scaling: ScalingSpec = ScalingSpec(),
-              storage_path: str | Path, name: str, tracking: dict | None = None,
+              storage_path: str | Path, name: str | None = None, tracking: dict | None = None,
               callbacks: list | None = None, streams: dict[str, Any] | None = None,
               worker_context: Callable[[], StageContext] | None = None) -> StageResult:
     """Run one stage on a ``TorchTrainer`` with ``scaling.num_workers`` workers.
 
     Starting again with the same ``storage_path`` and ``name`` resumes the run
     from its latest checkpoint; a worker failure restarts the group from the
-    latest checkpoint up to ``scaling.max_failures`` times. ``streams``: the
+    latest checkpoint up to ``scaling.max_failures`` times, a non-finite loss
+    (deterministic) does not restart it. ``name`` defaults to one derived from
+    the settings (:func:`~medcl.train.run_record.stage_run_name`); the run keeps
+    its settings in ``stage.json`` once its datasets are built. ``streams``: the
     stage's datasets when the caller built them already (``build_streams``).
     ``worker_context``: builds each worker's :class:`StageContext` instead of
     ``RayTrainContext`` (a subclass of it, e.g. one that injects a failure); it
@@ -101,10 +112,15 @@ def run_stage(cfg: StageConfig, dataset_dir: str | Path, *, scaling: ScalingSpec
     from ray.train.torch import TorchTrainer
 
     dataset_dir = str(Path(dataset_dir).resolve())
-    if streams is None:
+    if streams is None:  # a stage run on its own opens the dataset: check its files once (a pipeline did already)
+        from medcl.data.manifest import verify_checksums
+
+        verify_checksums(dataset_dir)
         streams = build_streams(STAGES[cfg.kind].datasets(cfg, dataset_dir))
     amp = scaling.use_gpu
     inputs = stage_inputs(cfg, dataset_dir, streams, scaling.num_workers, amp=amp, tracking=tracking)
+    name = name or stage_run_name(cfg, dataset_dir)
+    write_stage_record(cfg, dataset_dir, storage_path, name)
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = 1
@@ -127,9 +143,12 @@ def run_stage(cfg: StageConfig, dataset_dir: str | Path, *, scaling: ScalingSpec
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
+    if isinstance(result.return_value, dict) and _NON_FINITE in result.return_value:
+        raise NonFiniteLossError(f"Train run {name}: {result.return_value[_NON_FINITE]}")
     metrics = dict(result.return_value or result.metrics or {})
-    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
-    return StageResult(checkpoint=checkpoint, metrics=metrics, run_dir=str(result.path))
+    checkpoint = result.checkpoint
+    checkpoint = location(checkpoint.filesystem, checkpoint.path) if checkpoint is not None else None
+    return StageResult(checkpoint=checkpoint, metrics=metrics, run_dir=location(result.filesystem, result.path))
 
 
 def run_stage_inline(cfg: StageConfig, dataset_dir: str | Path, *, use_gpu: bool = False,

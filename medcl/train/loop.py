@@ -23,10 +23,34 @@ from medcl.train.schedule import warmup_cosine
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_loop", "fit", "build_optimizer", "mean_across_ranks", "StageInputs", "epoch_batches",
-           "steps_per_epoch"]
+__all__ = ["run_loop", "fit", "build_optimizer", "mean_across_ranks", "NonFiniteLossError", "StageInputs",
+           "epoch_batches", "steps_per_epoch"]
 
 LossFn = Callable[[Any], "tuple[torch.Tensor, dict[str, float]]"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: deterministic for the stage's settings, so runners do not retry it.
+
+    Raised on every worker at the same step (the check is agreed across ranks), with a
+    message naming the epoch, the step and the stage's settings.
+    """
+
+
+def _settings(cfg: Any) -> str:
+    """The stage's scalar settings, for an error message (``lr=0.001, batch_size_per_worker=16, ...``)."""
+    from medcl.config.binder import to_dict
+
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in to_dict(cfg).items()
+                     if k not in ("kind", "model", "init_from") and not isinstance(v, (dict, list)))
+
+
+def _loss_is_finite(loss: torch.Tensor, ctx: StageContext) -> bool:
+    """Whether the loss is finite on every rank (one flag all-reduced when distributed, so all ranks stop together)."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+    if ctx.distributed and dist.is_initialized():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def run_loop(ctx: StageContext, cfg: Any, inputs: StageInputs) -> dict[str, float]:
@@ -102,8 +126,10 @@ def _train_epoch(ctx: StageContext, model: torch.nn.Module, batches: Iterable[An
     for batch in batches:
         with autocast_context(ctx.device, amp):
             loss, logs = loss_fn(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {float(loss)} at step {steps}; lower lr or check inputs")
+        if not _loss_is_finite(loss, ctx):
+            value = float(loss.detach())
+            raise NonFiniteLossError(f"non-finite loss ({value if not math.isfinite(value) else 'on another rank'}) "
+                                     f"at step {steps}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -165,7 +191,13 @@ def fit(
             logger.info("resumed from %s at epoch %d", checkpoint, start_epoch)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.max_epochs):
-        metrics = _train_epoch(ctx, model, batches(epoch), loss_fn, optimizer, scheduler, amp)
+        try:
+            metrics = _train_epoch(ctx, model, batches(epoch), loss_fn, optimizer, scheduler, amp)
+        except NonFiniteLossError as exc:
+            raise NonFiniteLossError(
+                f"{exc} of epoch {epoch} (optimiser step {int(scheduler.last_epoch)}) of stage {cfg.kind} with "
+                f"{_settings(cfg)}; lower lr (or raise warmup_epochs) or check the inputs. Not retried: the "
+                "same settings give the same loss") from None
         metrics["epoch"] = float(epoch)
         metrics["max_epochs"] = float(cfg.max_epochs)
         last = epoch == cfg.max_epochs - 1
