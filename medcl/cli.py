@@ -239,12 +239,15 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--metric", default="test/dice_2d")
     parser.add_argument("--out", default="report", help="directory for the CSV and PNG")
     parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: ./mlflow.db or MLFLOW_TRACKING_URI)")
+    parser.add_argument("--baseline", default=None, metavar="METHOD",
+                        help="also print each method's paired difference to METHOD per seed (e.g. random), "
+                             "with a 95%% bootstrap interval, and write it as a CSV")
     parser.set_defaults(func=_cmd_report)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from medcl import tracking as mlt
-    from medcl.report import format_table, write_report
+    from medcl.report import format_paired, format_table, write_paired_report, write_report
 
     target = mlt.configure_tracking(tracking_uri=args.tracking_uri, experiment=args.experiment, workdir=".")
     parent = mlt.find_parent_run(target, args.pipeline)
@@ -255,7 +258,16 @@ def _cmd_report(args: argparse.Namespace) -> int:
     only_final = "tags.`medcl.role` = 'final'" if role == "pipeline" else None
     csv_path, png_path, table = write_report(target, parent, args.metric, args.out, filter=only_final)
     print(format_table(table))
+    if args.baseline is not None:
+        try:
+            paired_path, paired = write_paired_report(target, parent, args.metric, args.baseline, args.out,
+                                                      filter=only_final)
+        except ValueError as exc:
+            raise UserError(f"--baseline: {exc}") from None
+        print("\n" + format_paired(paired, args.baseline))
     print(f"\ncurve: {png_path}\ntable: {csv_path}")
+    if args.baseline is not None:
+        print(f"paired: {paired_path}")
     return 0
 
 

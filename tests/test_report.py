@@ -177,3 +177,48 @@ def test_write_report_without_finished_children(sweep, tmp_path):
     with pytest.raises(ValueError, match=f"no FINISHED child runs under parent_run_id='{empty_parent}'"):
         write_report(target, empty_parent, "test/dice", tmp_path)
     end_parent_run(target, empty_parent)
+
+
+def test_paired_differences_pair_by_seed_with_a_bootstrap_interval():
+    from medcl.report import format_paired, paired_differences
+
+    runs = pd.DataFrame({
+        "params.method": ["random"] * 4 + ["global"] * 4 + ["local"] * 2,
+        "params.label_fraction": ["0.01", "0.01", "0.05", "0.05"] * 2 + ["0.01", "0.01"],
+        "params.seed": ["0", "1", "0", "1", "1", "0", "0", "1", "0", "7"],
+        "metrics.test/dice_2d": [0.5, 0.6, 0.7, 0.7, 0.7, 0.5, 0.8, 0.8, 0.45, 0.9],
+    })
+    table = paired_differences(runs, "test/dice_2d", baseline="random").set_index(["method", "label_fraction"])
+    # global at 1 %: seed 0 0.5-0.5 = 0, seed 1 0.7-0.6 = 0.1. The bootstrap means of two values
+    # are 0, 0.05, 0.1 with probabilities 1/4, 1/2, 1/4, so the 95 % interval is [0, 0.1].
+    row = table.loc[("global", 0.01)]
+    assert row["mean_diff"] == pytest.approx(0.05) and row["n"] == 2 and row["wins"] == 1
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((0.0, 0.1))
+    row = table.loc[("global", 0.05)]  # equal differences: a zero-width interval
+    assert (row["mean_diff"], row["ci_low"], row["ci_high"]) == pytest.approx((0.1, 0.1, 0.1))
+    row = table.loc[("local", 0.01)]  # seed 7 has no random-init partner: left out
+    assert row["n"] == 1 and row["mean_diff"] == pytest.approx(-0.05)
+    assert "global  1%  +0.050 [+0.000, +0.100]  1/2" in format_paired(table.reset_index(), "random")
+    with pytest.raises(ValueError, match="baseline 'none' is not a method of the runs"):
+        paired_differences(runs, "test/dice_2d", baseline="none")
+
+
+def test_cli_report_with_baseline_prints_and_writes_paired_differences(sweep, tmp_path, capsys):
+    from medcl.cli import main
+
+    target, _ = sweep
+    code = main(["report", "--experiment", "report-test", "--pipeline", "label-efficiency-sweep",
+                 "--metric", "test/dice", "--tracking-uri", target.tracking_uri, "--out", str(tmp_path),
+                 "--baseline", "random-init"])
+    out = capsys.readouterr().out
+    assert code == 0
+    # global+local - random-init at 5 %, seeds 0..2: +0.14, +0.13, +0.02
+    assert "global+local  5%  +0.097 [" in out
+    rows = list(csv.DictReader(open(tmp_path / "paired_test_dice_vs_random-init.csv")))
+    by = {(r["method"], float(r["label_fraction"])): r for r in rows}
+    assert float(by[("global+local", 0.05)]["mean_diff"]) == pytest.approx((0.14 + 0.13 + 0.02) / 3)
+    assert int(by[("global+local", 1.0)]["n"]) == 1  # one seed at 100 %
+    code = main(["report", "--experiment", "report-test", "--pipeline", "label-efficiency-sweep",
+                 "--metric", "test/dice", "--tracking-uri", target.tracking_uri, "--out", str(tmp_path),
+                 "--baseline", "nope"])
+    assert code == 2 and "--baseline: baseline 'nope' is not a method" in capsys.readouterr().err
