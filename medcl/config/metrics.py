@@ -3,11 +3,22 @@
 Every stage reports, every epoch, what :func:`medcl.train.loop.fit` adds
 (:data:`PER_EPOCH`) plus the ``train/<log>`` entries of its loss; a
 fine-tuning stage adds, after its last epoch, its evaluation on ``test`` (and
-``shifted``, when the dataset has a shifted site): :data:`EVALUATION`. The
-names are declared here because ``config`` sits below ``train`` (imports point
-down); ``tests/config/test_metrics.py`` runs every kind for one epoch and
-checks that it logs exactly these names. ``{c}`` stands for a class index
-(``test/dice_2d_class1``).
+``shifted``, when the dataset has a shifted site): :data:`EVALUATION`.
+
+Model selection (``val_every`` > 0, a dataset with validation patients): a
+fine-tuning stage also reports its validation metric :data:`VALIDATION`
+(``val/dice_2d``, ``val/auc``) every ``val_every`` epochs and at the last one,
+keeps the weights of its best-validation epoch and, after the last epoch,
+reports that epoch and value (``best/epoch``, ``best/val/dice_2d``) and the
+whole test evaluation of those weights under ``best/`` (``best/test/dice_2d``,
+``best/shifted/dice_2d``): the last epoch's name, prefixed. Test and shifted
+metrics (:func:`is_test_metric`) are for reporting, never for choosing
+hyperparameters (``medcl.config.sweep`` refuses them).
+
+The names are declared here because ``config`` sits below ``train`` (imports
+point down); ``tests/config/test_logged_metrics.py`` runs every kind for one
+epoch and checks that it logs exactly these names. ``{c}`` stands for a class
+index (``test/dice_2d_class1``).
 """
 from __future__ import annotations
 
@@ -16,16 +27,26 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["PER_EPOCH", "TRAIN_LOGS", "EVALUATION", "EVALUATION_PREFIXES", "StageMetrics", "stage_metrics",
-           "is_evaluation_metric", "check_metric"]
+__all__ = ["PER_EPOCH", "TRAIN_LOGS", "WEIGHT_CHANGE", "EVALUATION", "EVALUATION_PREFIXES", "StageMetrics", "stage_metrics",
+           "is_evaluation_metric", "check_metric", "VALIDATION", "VALIDATION_PREFIX", "BEST_PREFIX",
+           "validation_metric", "is_test_metric"]
 
 #: Reported by every stage every epoch (``fit`` and ``_train_epoch`` of medcl/train/loop.py).
-PER_EPOCH = ("epoch", "max_epochs", "train/loss", "train/steps", "train/epoch_time_s", "train/images_per_s",
-             "train/lr")
+PER_EPOCH = ("epoch", "max_epochs", "train/loss", "train/steps", "train/skipped_steps", "train/epoch_time_s",
+             "train/images_per_s", "train/lr")
 
 #: Extra per-epoch ``train/<log>`` entries of a stage's loss: kind -> (setting, value, logs).
 TRAIN_LOGS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "local_pretrain": ("loss", "both", ("train/supervised_loss", "train/dense_loss")),
+}
+
+#: Parts whose relative weight change since the stage's start is logged every epoch (``train/weight_change/<part>``).
+WEIGHT_CHANGE: dict[str, tuple[str, ...]] = {
+    "global_pretrain": ("encoder",),
+    "local_pretrain": ("encoder", "decoder"),
+    "seg_finetune": ("encoder", "decoder"),
+    "cls_pretrain": ("encoder",),
+    "cls_finetune": ("encoder",),
 }
 
 #: Evaluation of a fine-tuning stage after its last epoch, without the ``test/`` / ``shifted/`` prefix
@@ -39,6 +60,15 @@ EVALUATION: dict[str, tuple[str, ...]] = {
 #: ``test`` always; ``shifted`` when the dataset has a ``test_shifted`` split.
 EVALUATION_PREFIXES = ("test", "shifted")
 
+#: The validation metric of a fine-tuning kind (higher is better), reported as ``val/<name>``:
+#: the cheap part of its evaluation that picks the best epoch.
+VALIDATION: dict[str, str] = {"seg_finetune": "dice_2d", "cls_finetune": "auc"}
+VALIDATION_PREFIX = "val"
+
+#: Prefix of what is reported for the best-validation epoch: ``best/epoch``, ``best/val/<name>`` and
+#: ``best/<prefix>/<name>`` for every test (and shifted) metric of that epoch's weights.
+BEST_PREFIX = "best"
+
 
 @dataclass(frozen=True)
 class StageMetrics:
@@ -46,7 +76,8 @@ class StageMetrics:
 
     Attributes:
         per_epoch: Reported every epoch (what ASHA can compare).
-        final: Reported once, after the last epoch.
+        final: Not reported every epoch: after the last epoch (and, for the validation
+            metric of a stage with ``val_every`` > 1, every ``val_every`` epochs).
     """
 
     per_epoch: tuple[str, ...]
@@ -65,20 +96,45 @@ def _matches(pattern: str, name: str) -> bool:
     return re.fullmatch(re.escape(pattern).replace(re.escape("{c}"), r"\d+"), name) is not None
 
 
-def is_evaluation_metric(name: str) -> bool:
-    """Whether some fine-tuning kind reports ``name`` after its last epoch (``test/dice_2d``, ``test/auc``)."""
-    return any(_matches(f"{prefix}/{pattern}", name) for patterns in EVALUATION.values() for pattern in patterns
+def _test_names(kind: str, best: str = "") -> tuple[str, ...]:
+    return tuple(f"{best}{prefix}/{name}" for prefix in EVALUATION_PREFIXES for name in EVALUATION.get(kind, ()))
+
+
+def _best_names(kind: str) -> tuple[str, ...]:
+    return (f"{BEST_PREFIX}/epoch", f"{BEST_PREFIX}/{VALIDATION_PREFIX}/{VALIDATION[kind]}")
+
+
+def is_test_metric(name: str) -> bool:
+    """Whether ``name`` is measured on a test split: ``test/...``, ``shifted/...`` or their ``best/`` forms."""
+    return any(name.startswith(f"{best}{prefix}/") for best in ("", f"{BEST_PREFIX}/")
                for prefix in EVALUATION_PREFIXES)
+
+
+def is_evaluation_metric(name: str) -> bool:
+    """Whether some fine-tuning kind reports ``name`` after its last epoch (``test/dice_2d``, ``best/test/auc``)."""
+    return any(_matches(pattern, name) for kind in EVALUATION
+               for pattern in _test_names(kind) + _test_names(kind, f"{BEST_PREFIX}/") + _best_names(kind))
+
+
+def validation_metric(cfg: Any) -> str | None:
+    """``val/<name>`` that a stage with config ``cfg`` validates on, or None (not fine-tuning, or ``val_every: 0``)."""
+    if cfg.kind not in VALIDATION or getattr(cfg, "val_every", 0) <= 0:
+        return None
+    return f"{VALIDATION_PREFIX}/{VALIDATION[cfg.kind]}"
 
 
 def stage_metrics(cfg: Any) -> StageMetrics:
     """The metrics a stage with config ``cfg`` (a stage config: ``kind`` and its settings) logs."""
-    per_epoch = PER_EPOCH
+    per_epoch = PER_EPOCH + tuple(f"train/weight_change/{part}" for part in WEIGHT_CHANGE.get(cfg.kind, ()))
     if cfg.kind in TRAIN_LOGS:
         setting, value, logs = TRAIN_LOGS[cfg.kind]
         if getattr(cfg, setting) == value:
             per_epoch = per_epoch + logs
-    final = tuple(f"{prefix}/{name}" for prefix in EVALUATION_PREFIXES for name in EVALUATION.get(cfg.kind, ()))
+    final = _test_names(cfg.kind)
+    val = validation_metric(cfg)
+    if val is not None:  # val_every: 1 reports it every epoch (ASHA can compare it); > 1 not every epoch
+        per_epoch, final = (per_epoch + (val,), final) if cfg.val_every == 1 else (per_epoch, (val,) + final)
+        final = final + _best_names(cfg.kind) + _test_names(cfg.kind, f"{BEST_PREFIX}/")
     return StageMetrics(per_epoch=per_epoch, final=final)
 
 
@@ -95,9 +151,15 @@ def check_metric(metric: str, stage: str, cfg: Any, ends: str, *, where: str = "
     logged = stage_metrics(cfg)
     if logged.when(metric) is not None:
         return None
-    if is_evaluation_metric(metric) and not logged.final:
-        return (f"{where}: {metric!r} is reported by fine-tuning stages after their last epoch, but {ends} ends "
+    selection = metric in {f"{VALIDATION_PREFIX}/{name}" for name in VALIDATION.values()} or (
+        metric.startswith(f"{BEST_PREFIX}/") and is_evaluation_metric(metric))
+    if (is_evaluation_metric(metric) or selection) and cfg.kind not in VALIDATION:
+        when = "when they validate" if metric.startswith(f"{VALIDATION_PREFIX}/") else "after their last epoch"
+        return (f"{where}: {metric!r} is reported by fine-tuning stages {when}, but {ends} ends "
                 f"with stage {stage!r} ({cfg.kind}); use a per-epoch metric such as train/loss")
+    if selection and validation_metric(cfg) is None:
+        return (f"{where}: {metric!r} needs validation, but stage {stage!r} ({cfg.kind}), which ends {ends}, sets "
+                f"val_every: {cfg.val_every} (never validates); set val_every: 1")
     close = difflib.get_close_matches(metric, logged.per_epoch + logged.final, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     logs = f"it logs every epoch: {', '.join(logged.per_epoch)}"

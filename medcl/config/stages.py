@@ -90,8 +90,11 @@ class _StageBase:
     batch_size_per_worker: int = 16
     lr: float = 3e-4
     weight_decay: float = 0.0
-    warmup_epochs: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"  # after warm-up: cosine decay to min_lr_ratio * lr, or constant lr
+    min_lr_ratio: float = 0.0  # where the cosine ends, as a fraction of lr
+    warmup_steps: int = 0  # optimiser steps of linear warm-up from lr / (warmup_steps + 1) to lr
     checkpoint_every: int = 1  # epochs between checkpoints; the last epoch always checkpoints
+    val_every: int = 1  # fine-tuning: validate every N epochs (and the last) and report the best epoch's test; 0: never
     min_steps_per_epoch: int = 0  # cycle small (labelled) data until an epoch has this many steps; 0: one pass
     max_steps_per_epoch: int = 0  # end an epoch after this many steps (a step budget on large data); 0: no cap
     seed: int = 0
@@ -111,9 +114,10 @@ class _StageBase:
         check(self.batch_size_per_worker >= 1, f"batch_size_per_worker must be >= 1, got {self.batch_size_per_worker}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        check(0 <= self.warmup_epochs < self.max_epochs or self.warmup_epochs == 0,
-               f"warmup_epochs must be in [0, max_epochs), got {self.warmup_epochs}")
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         check(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        check(self.val_every >= 0, f"val_every must be >= 0 (0: never validate), got {self.val_every}")
         check(self.min_steps_per_epoch >= 0, f"min_steps_per_epoch must be >= 0, got {self.min_steps_per_epoch}")
         check(self.max_steps_per_epoch == 0 or self.max_steps_per_epoch >= max(1, self.min_steps_per_epoch),
                f"max_steps_per_epoch must be 0 (no cap) or >= max(1, min_steps_per_epoch="
@@ -208,6 +212,7 @@ class SegFinetuneConfig(_StageBase):
     dice_weight: float = 1.0
     augment: bool = True
     lr: float = 5e-4
+    schedule: Literal["cosine", "constant"] = "constant"  # as the reference fine-tuning code; cosine on request
     model: UNetSpec = field(default_factory=UNetSpec)
 
     def __post_init__(self) -> None:
@@ -239,6 +244,7 @@ class ClsFinetuneConfig(_StageBase):
     protocol: Literal["linear", "full"] = "full"
     label_fraction: float = 1.0
     augment: bool = True
+    schedule: Literal["cosine", "constant"] = "constant"  # as the reference fine-tuning code; cosine on request
     model: ResNetSpec = field(default_factory=ResNetSpec)
 
     def __post_init__(self) -> None:

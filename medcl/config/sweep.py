@@ -13,6 +13,10 @@ that chain of stages, e.g. global pretraining then fine-tuning) or a single
       stages.finetune.lr: {uniform: [1.0e-4, 1.0e-3]}
       stages.global.num_partitions: {randint: [2, 6]}   # high excluded
 
+``metric`` selects: it must not be measured on the test set (``test/``,
+``shifted/``, ``best/test/``, ``best/shifted/``) unless the file sets
+``allow_test_metric: true``; select on ``val/dice_2d`` (every epoch, what ASHA
+compares) or ``best/val/dice_2d`` (the best epoch's, at the end of a method).
 Keys not swept keep the pipeline's values; ``seed`` and ``label_fraction``
 default to the pipeline's first ``seeds`` / ``label_fractions`` entry. The
 whole file is validated before Ray starts; every problem is reported at once
@@ -32,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medcl.config.binder import ConfigError, apply_overrides, build, check, load_yaml, to_dict
-from medcl.config.metrics import check_metric, is_evaluation_metric, stage_metrics
+from medcl.config.metrics import check_metric, is_evaluation_metric, is_test_metric, stage_metrics
 from medcl.config.pipeline import PipelineConfig, TrackingSpec, check_run_name, load_pipeline
 from medcl.config.space import DISTRIBUTIONS, Distribution, check_space, parse_space, resolve_chain
 from medcl.config.stages import check_seed
@@ -96,6 +100,7 @@ class _SweepFile:
     metric: str
     mode: Literal["min", "max"]
     space: dict[str, Any]
+    allow_test_metric: bool = False  # select on a test/ or shifted/ metric knowingly (tunes on the test set)
     method: str | None = None
     stage: str | None = None
     init_from: Path | None = None
@@ -186,8 +191,11 @@ def _check_metric(file: _SweepFile, pipeline: PipelineConfig, chain: tuple[str, 
         problems.append(f"scheduler.asha: ASHA compares trials at the same epoch of one stage; sweep a single stage "
                         f"(`stage: NAME`) rather than method {file.method!r} ({' > '.join(chain)})")
     if not per_epoch:
+        every = getattr(pipeline.stage(last), "val_every", 0)
+        said = (f"reported every {every} epochs (val_every: {every}; set it to 1)" if when == "final" and every > 1
+                and file.metric.startswith("val/") else "only reported after the last epoch")
         problems.append(f"scheduler.asha: ASHA stops trials by comparing them every epoch and needs a metric reported "
-                        f"every epoch, such as train/loss; {file.metric!r} is only reported after the last epoch")
+                        f"every epoch, such as train/loss or val/dice_2d; {file.metric!r} is {said}")
     if any(k == f"stages.{chain[0]}.max_epochs" for k in file.space) or len(chain) > 1:
         return
     try:
@@ -257,6 +265,13 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
         except ConfigError as exc:
             problems.extend(f"pipeline {pipeline_path}: {p}" for p in exc.problems)
 
+    if is_test_metric(file.metric) and not file.allow_test_metric:
+        problems.append(f"metric: {file.metric!r} is measured on the test set: a sweep that picks hyperparameters "
+                        "(or an ASHA that stops trials) by it tunes on the test set, and the test numbers stop being "
+                        "an unbiased estimate. Select on validation: val/dice_2d (every epoch, for ASHA) or "
+                        "best/val/dice_2d (the best epoch's, for a whole method); val/auc, best/val/auc for "
+                        f"classification. To select on the test set knowingly, set `allow_test_metric: true` in "
+                        f"{source}")
     if file.mode == "max" and file.metric.endswith("loss"):
         problems.append(f"mode: 'max' would pick the largest {file.metric}; use mode: min")
     chain: tuple[str, ...] = ()

@@ -9,6 +9,15 @@ Parquet read, then one vectorised decode (``map_batches(batch_format="pyarrow")`
     class_label int64 (B,), -1 = none; class_labels float32 (B, K) (multi-label datasets only);
     slice_position float32 (B,); slice_index int64 (B,); patient_id, volume_id, site: str.
 
+The slice streams that stages train on (``train_images``, ``labelled_slices``, ``labelled_images``,
+``partially_labelled_slices``) are globally shuffled once, by a seeded ``random_shuffle`` before
+they are materialised: their rows come in a fixed random permutation (the stream's ``seed``, else
+:data:`SHUFFLE_SEED`; the same on every build, so that a ``StreamSpec`` names one order), not
+patient by patient, so that any run of consecutive rows (a worker's local shuffle window, a
+capped epoch) is a uniform sample of the whole set. ``eval_slices`` keeps the shards' order
+(volumes stay stacked); ``patient_bags`` too (one row per patient: a worker's 256-row shuffle
+window holds every bag of a split with up to 256 patients a worker).
+
 Small datasets are ``materialize()``-d once after decoding (Ray Data costs ~2.5 s per execution;
 later epochs then only replay blocks from the object store). An optional ``augment`` runs *after*
 that point in ``map_batches`` on CPU tasks, so every epoch sees fresh random views (seeded from
@@ -58,9 +67,15 @@ __all__ = [
     "eval_slices",
     "StreamSpec",
     "build_streams",
+    "SHUFFLE_SEED",
 ]
 
 logger = logging.getLogger(__name__)
+
+#: Seed of the global row shuffle of the training streams that have no seed of their own
+#: (``train_images``): streams are shared between jobs by their ``StreamSpec``,
+#: so the permutation must follow from the spec's arguments.
+SHUFFLE_SEED = 0
 
 _BASE_COLUMNS = ["patient_id", "volume_id", "slice_index", "slice_position", "site", "image", "image_shape",
                  "class_label"]
@@ -155,8 +170,9 @@ class _AugmentBatch:
 def _finish(ds: ray.data.Dataset, what: str, *, materialize: bool, augment: Callable[..., Any] | None,
             augment_batch_size: int) -> ray.data.Dataset:
     if materialize:
-        # Keep the shards' row order: otherwise blocks arrive in the order parallel reads
-        # finish, and the seeded local shuffle of training gives other batches on every run.
+        # Keep the blocks' order (the shards' order, or the training streams' seeded permutation):
+        # otherwise blocks arrive in the order parallel tasks finish, and the seeded local
+        # shuffle of training gives other batches on every run.
         ds.context.execution_options.preserve_order = True
         ds = ds.materialize()
         if ds.count() == 0:  # free once materialised
@@ -167,9 +183,14 @@ def _finish(ds: ray.data.Dataset, what: str, *, materialize: bool, augment: Call
     return ds
 
 
-def _shard_stream(paths: list[str], predicate, *, with_mask: bool, with_class_labels: bool) -> ray.data.Dataset:
+def _shard_stream(paths: list[str], predicate, *, with_mask: bool, with_class_labels: bool,
+                  shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """Filtered, column-selected shard rows, decoded; ``shuffle_seed``: globally shuffled (before decoding: the
+    encoded rows are smaller) with that seed, the same permutation on every execution."""
     columns = list(_BASE_COLUMNS) + (["mask"] if with_mask else []) + (["class_labels"] if with_class_labels else [])
     ds = ray.data.read_parquet(paths).filter(expr=predicate).select_columns(columns)
+    if shuffle_seed is not None:
+        ds = ds.random_shuffle(seed=int(shuffle_seed))
     return ds.map_batches(decode_shard_batch, batch_format="pyarrow", batch_size=None,
                           fn_kwargs={"with_mask": with_mask, "with_class_labels": with_class_labels})
 
@@ -177,7 +198,7 @@ def _shard_stream(paths: list[str], predicate, *, with_mask: bool, with_class_la
 # --------------------------------------------------------------------------- streams
 def train_images(dataset_dir: str | os.PathLike, *, split: str = "train", augment: Callable[..., Any] | None = None,
                  materialize: bool = True, augment_batch_size: int = 64) -> ray.data.Dataset:
-    """All images of a split (global pretraining; labels optional), no masks.
+    """All images of a split (global pretraining; labels optional), no masks, in a seeded random order.
 
     Args:
         dataset_dir: directory with ``shard-*.parquet``.
@@ -191,7 +212,7 @@ def train_images(dataset_dir: str | os.PathLike, *, split: str = "train", augmen
     _check_split(split)
     paths = shard_paths(dataset_dir)
     ds = _shard_stream(paths, col("split") == split, with_mask=False,
-                       with_class_labels=_has_values(paths, "class_labels"))
+                       with_class_labels=_has_values(paths, "class_labels"), shuffle_seed=SHUFFLE_SEED)
     what = f"train_images({os.fspath(dataset_dir)!r}, split={split!r})"
     return _finish(ds, what, materialize=materialize, augment=augment, augment_batch_size=augment_batch_size)
 
@@ -206,12 +227,13 @@ def labelled_slices(dataset_dir: str | os.PathLike, fraction: float, seed: int, 
 
     The labelled patients are ``splits.labelled_patients`` of the split's patients (nested across
     fractions, deterministic in ``seed``); only their rows that carry ``target`` are kept, and only
-    rows of ``split`` (so test patients never enter a training stream).
+    rows of ``split`` (so test patients never enter a training stream). The rows come in a random
+    order seeded by ``seed``.
 
     Args:
         dataset_dir: directory with ``shard-*.parquet``.
         fraction: labelled fraction of the split's patients, in (0, 1].
-        seed: seed of the labelled subset.
+        seed: seed of the labelled subset and of the rows' order.
         split: one of ``SPLITS``.
         target: which label a row must have: ``"mask"`` (segmentation; decoded), ``"class_label"``
             or ``"class_labels"``.
@@ -229,7 +251,8 @@ def labelled_slices(dataset_dir: str | os.PathLike, fraction: float, seed: int, 
         raise ValueError(f"no labelled patients for split={split!r}, fraction={fraction!r} "
                          f"in {os.fspath(dataset_dir)!r}")
     predicate = (col("split") == split) & col("patient_id").is_in(patients) & col(target).is_not_null()
-    ds = _shard_stream(paths, predicate, with_mask=target == "mask", with_class_labels=target == "class_labels")
+    ds = _shard_stream(paths, predicate, with_mask=target == "mask", with_class_labels=target == "class_labels",
+                       shuffle_seed=seed)
     what = f"labelled_slices({os.fspath(dataset_dir)!r}, fraction={fraction!r}, split={split!r}, target={target!r})"
     return _finish(ds, what, materialize=materialize, augment=augment, augment_batch_size=augment_batch_size)
 
@@ -268,12 +291,12 @@ def partially_labelled_slices(dataset_dir: str | os.PathLike, fraction: float, s
     For local pretraining that mixes the supervised loss (labelled pixels) with
     the self-supervised one (slices of unlabelled patients). The labelled
     patients are the same as ``labelled_slices`` with the same fraction and seed; the masks of
-    the others (``splits.unlabelled_patients``) are hidden.
+    the others (``splits.unlabelled_patients``) are hidden. The rows come in a random order seeded by ``seed``.
     """
     _check_split(split)
     paths = shard_paths(dataset_dir)
     hide = unlabelled_patients(patients_by_split(dataset_dir)[split], fraction, seed)
-    ds = _shard_stream(paths, col("split") == split, with_mask=True, with_class_labels=False)
+    ds = _shard_stream(paths, col("split") == split, with_mask=True, with_class_labels=False, shuffle_seed=seed)
     ds = ds.map_batches(_HideMasks(hide), batch_format="numpy", batch_size=None)
     what = f"partially_labelled_slices({os.fspath(dataset_dir)!r}, fraction={fraction!r}, split={split!r})"
     return _finish(ds, what, materialize=materialize, augment=None, augment_batch_size=64)

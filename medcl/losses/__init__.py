@@ -14,6 +14,7 @@ from medcl.losses.local_contrastive import (
     DenseLocalContrastiveLoss,
     SupervisedLocalContrastiveLoss,
     dense_local_contrastive,
+    has_anchor,
     supervised_local_contrastive,
 )
 from medcl.losses.ntxent import MultiPositiveNTXentLoss, NTXentLoss, multi_positive_nt_xent, nt_xent
@@ -23,6 +24,7 @@ __all__ = [
     "nt_xent",
     "multi_positive_nt_xent",
     "dense_local_contrastive",
+    "has_anchor",
     "supervised_local_contrastive",
     "segmentation_loss",
     "soft_dice_loss",

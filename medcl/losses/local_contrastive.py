@@ -28,6 +28,7 @@ from torch import nn
 from medcl.losses._lse import check_temperature, float32_math, segment_logsumexp, upcast
 
 __all__ = [
+    "has_anchor",
     "dense_local_contrastive",
     "supervised_local_contrastive",
     "DenseLocalContrastiveLoss",
@@ -152,6 +153,26 @@ def _supervised_core(
     active = per_seg > 0
     weight = 1.0 / (per_seg[seg[anchors]].to(per_anchor.dtype) * active.sum())  # unweighted mean of segment means
     return (per_anchor * weight).sum()
+
+
+def has_anchor(labels: torch.Tensor, mode: str = "exact", stride: int = 4, block_size: int = 32,
+               ignore_index: int = -1) -> bool:
+    """Whether :func:`supervised_local_contrastive` with these settings finds any anchor in ``labels``.
+
+    An anchor is a pixel the loss samples (every ``stride``-th in mode ``stride``, those in
+    whole ``block_size`` blocks in mode ``block``, all in ``exact``) whose label is neither 0
+    nor ``ignore_index``; its copy in the other view is always a positive.
+
+    Args:
+        labels: Shape (B, H, W) or (B, 2, H, W), integer.
+    """
+    y = labels
+    if mode == "stride":
+        y = y[..., ::stride, ::stride]
+    elif mode == "block":
+        h, w = y.shape[-2:]
+        y = y[..., : h // block_size * block_size, : w // block_size * block_size]
+    return bool(((y != 0) & (y != ignore_index)).any())
 
 
 def supervised_local_contrastive(

@@ -1,10 +1,12 @@
 """Projection heads for contrastive pretraining (methods.md sections 1a and 3).
 
 * :class:`ProjectionHead` — Linear → ReLU → Linear on feature vectors (SimCLR).
-* :class:`GlobalHead` — global average pool of a feature map, then a
-  :class:`ProjectionHead` (the U-Net's image-level head).
+* :class:`GlobalHead` — average pool of a feature map to a small ``grid × grid``
+  map, flattened, then a :class:`ProjectionHead` (the U-Net's image-level head).
 * :class:`LocalHead` — 1×1 conv → ReLU → 1×1 conv, L2-normalised per pixel
   (the U-Net's pixel-level head).
+* :func:`init_to_prior_` — start a classifier layer at a class prior (the U-Net's
+  segmentation head before fine-tuning).
 
 The heads are dropped at every stage hand-over; only encoders/decoders carry on.
 """
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ProjectionHead", "GlobalHead", "LocalHead"]
+__all__ = ["ProjectionHead", "GlobalHead", "LocalHead", "init_to_prior_"]
 
 
 def _check_dim(name: str, value: object) -> int:
@@ -64,24 +66,41 @@ class ProjectionHead(nn.Sequential):
 
 
 class GlobalHead(nn.Module):
-    """Image-level head: global average pool → Linear → ReLU → Linear.
+    """Image-level head: average pool to ``grid × grid`` → flatten → Linear → ReLU → Linear.
+
+    ``grid=1`` is the global average pool of methods §3. The U-Net uses ``grid=4``
+    (see :class:`medcl.models.UNet`): its bottleneck ends in InstanceNorm → ReLU,
+    which fixes every channel's spatial mean whatever the image, so a global
+    average pool hands the MLP nearly the same vector for every image (mean
+    pairwise cosine 0.996 over real hippocampus slices at init). Keeping a coarse
+    spatial layout keeps the image-level signal (0.56), as the reference code of
+    Chaitanya et al. does by flattening its bottleneck. On a bottleneck of exactly
+    ``grid × grid`` the pool is the identity; a smaller one is repeated
+    (``AdaptiveAvgPool2d``), a larger one averaged in near-equal bins.
 
     Args:
         in_channels: channels C of the pooled feature map (the U-Net bottleneck width).
         hidden_dim: hidden layer width.
         out_dim: embedding size D. Default 128.
+        grid: side of the pooled map; the MLP sees ``C * grid**2`` features. Default 1.
 
     Shape:
         input ``(B, C, h, w)`` → output ``(B, D)``, not normalised.
     """
 
-    def __init__(self, in_channels: int, hidden_dim: int, out_dim: int = 128) -> None:
+    def __init__(self, in_channels: int, hidden_dim: int, out_dim: int = 128, grid: int = 1) -> None:
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.mlp = ProjectionHead(in_channels, hidden_dim, out_dim)
+        in_channels = _check_dim("in_channels", in_channels)
+        self.grid = _check_dim("grid", grid)
+        self.pool = nn.AdaptiveAvgPool2d(self.grid)
+        self.mlp = ProjectionHead(in_channels * self.grid**2, hidden_dim, out_dim)
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's input: ``(B, C, h, w)`` → ``(B, C * grid**2)`` (channel-major, then row, column)."""
+        return torch.flatten(self.pool(x), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.flatten(self.pool(x), 1))
+        return self.mlp(self.pooled(x))
 
 
 class LocalHead(nn.Module):
@@ -108,3 +127,38 @@ class LocalHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.conv2(self.relu(self.conv1(x))), p=2.0, dim=1)
+
+
+@torch.no_grad()
+def init_to_prior_(layer: nn.Conv2d | nn.Linear, class_frequencies, weight_std: float = 1e-3,
+                   generator: torch.Generator | None = None) -> None:
+    """Set a K-output classifier layer to predict a class prior: bias ``log p_k``, weights ``N(0, weight_std²)``.
+
+    With near-zero weights the softmax of every output is ~``p`` whatever the input.
+
+    Args:
+        layer: a layer with ``weight`` and a ``bias`` of K outputs (1×1 conv or linear).
+        class_frequencies: ``(K,)`` non-negative class frequencies or counts, normalised here.
+            A class with frequency 0 gets a floor of ``1e-6`` (a finite bias).
+        weight_std: standard deviation of the new weights.
+        generator: draws the weights (None: the global torch RNG).
+
+    Raises:
+        ValueError: not K values, a negative or non-finite value, all zero, ``weight_std < 0``,
+            or a layer without bias.
+    """
+    if getattr(layer, "bias", None) is None:
+        raise ValueError(f"layer {layer} has no bias to hold the prior")
+    k = layer.bias.numel()
+    freq = torch.as_tensor(class_frequencies, dtype=torch.float64).flatten().cpu()
+    if freq.numel() != k:
+        raise ValueError(f"class_frequencies has {freq.numel()} values, expected {k} (the layer's outputs)")
+    if not torch.isfinite(freq).all() or (freq < 0).any() or freq.sum() <= 0:
+        raise ValueError(f"class_frequencies must be finite, >= 0 and not all 0, got {freq.tolist()}")
+    if weight_std < 0:
+        raise ValueError(f"weight_std must be >= 0, got {weight_std!r}")
+    prior = (freq / freq.sum()).clamp(min=1e-6)
+    noise = torch.randn(layer.weight.shape, generator=generator, dtype=torch.float64,
+                        device=generator.device if generator is not None else "cpu")
+    layer.weight.copy_((weight_std * noise).to(layer.weight))
+    layer.bias.copy_(torch.log(prior / prior.sum()).to(layer.bias))

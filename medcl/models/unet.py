@@ -12,6 +12,9 @@ State_dict keys are grouped by stage so that hand-overs keep or drop by prefix::
 
 Input sizes are not padded: ``H`` and ``W`` must be divisible by ``2**depth``
 (``depth = len(features) - 1``); :meth:`UNet.encode` raises a ``ValueError`` otherwise.
+
+The global head flattens the bottleneck pooled to ``4 × 4`` (not a global pool, which
+an InstanceNorm bottleneck makes nearly constant across images; :class:`GlobalHead`).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from medcl.models.heads import GlobalHead, LocalHead
+from medcl.models.heads import GlobalHead, LocalHead, init_to_prior_
 from medcl.models.weights import LoadReport, WeightSource, copy_matching_weights, read_state_dict, strip_key_prefixes
 
 __all__ = ["ConvBlock", "Down", "Up", "UNetEncoder", "UNetDecoder", "UNet", "NORMS", "STAGE_PREFIXES"]
@@ -34,6 +37,8 @@ NORMS = ("instance", "batch")
 STAGE_PREFIXES = ("encoder", "decoder", "seg_head", "global_head", "local_head")
 PAPER_FEATURES = (64, 128, 256, 512, 1024)
 CPU_FEATURES = (16, 32, 64, 128, 256)
+GLOBAL_GRID = 4  # side of the map the global head pools the bottleneck to, then flattens
+SEG_HEAD_WEIGHT_STD = 1e-3  # std of the segmentation head's weights after UNet.init_seg_head
 
 
 def _norm_layer(norm: str, channels: int) -> nn.Module:
@@ -162,9 +167,10 @@ class UNet(nn.Module):
     Encoder: ``depth = len(features) - 1`` max-pool downsamplings, widths
     ``features`` (the last is the bottleneck). Decoder: transposed-conv upsampling
     with skip concatenation back to ``features[0]`` channels at full resolution.
-    Heads: ``seg_head`` (1×1 conv → K logits), ``global_head`` (GAP of the
-    bottleneck → Linear → ReLU → Linear → D), ``local_head`` (1×1 conv → ReLU →
-    1×1 conv → D on the last decoder map, L2-normalised per pixel).
+    Heads: ``seg_head`` (1×1 conv → K logits), ``global_head`` (bottleneck
+    average-pooled to ``global_grid × global_grid`` and flattened → Linear → ReLU
+    → Linear → D), ``local_head`` (1×1 conv → ReLU → 1×1 conv → D on the last
+    decoder map, L2-normalised per pixel).
 
     Inputs are never padded: H and W must be divisible by ``2**depth``
     (16 for the presets). Batch size 1 in training mode needs ``norm="instance"``
@@ -180,6 +186,9 @@ class UNet(nn.Module):
         embed_dim: size D of the global and local embeddings. Default 128.
         global_hidden_dim: hidden width of the global head; ``None`` uses the bottleneck width.
         local_hidden_dim: hidden channels of the local head; ``None`` uses ``features[0]``.
+        global_grid: the global head average-pools the bottleneck to this side and flattens it;
+            1 is methods §3's global average pool. Default :data:`GLOBAL_GRID` (4: all of a
+            64×64 input's bottleneck at depth 4).
 
     Raises:
         TypeError: a size is not an int.
@@ -202,6 +211,7 @@ class UNet(nn.Module):
         embed_dim: int = 128,
         global_hidden_dim: int | None = None,
         local_hidden_dim: int | None = None,
+        global_grid: int = GLOBAL_GRID,
     ) -> None:
         super().__init__()
         self.in_channels = _positive_int("in_channels", in_channels)
@@ -226,13 +236,14 @@ class UNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.dropout = float(dropout)
         self.embed_dim = _positive_int("embed_dim", embed_dim)
+        self.global_grid = _positive_int("global_grid", global_grid)
         global_hidden = features[-1] if global_hidden_dim is None else _positive_int("global_hidden_dim", global_hidden_dim)
         local_hidden = features[0] if local_hidden_dim is None else _positive_int("local_hidden_dim", local_hidden_dim)
 
         self.encoder = UNetEncoder(self.in_channels, features, self.norm, self.dropout)
         self.decoder = UNetDecoder(features, self.norm, self.dropout)
         self.seg_head = nn.Conv2d(features[0], self.num_classes, kernel_size=1)
-        self.global_head = GlobalHead(features[-1], global_hidden, self.embed_dim)
+        self.global_head = GlobalHead(features[-1], global_hidden, self.embed_dim, grid=self.global_grid)
         self.local_head = LocalHead(features[0], local_hidden, self.embed_dim)
 
     # ----------------------------------------------------------------- presets
@@ -338,6 +349,12 @@ class UNet(nn.Module):
         """
         features = self.decode(*self.encode(x))
         return self.seg_head(features), self.local_head(features)
+
+    def init_seg_head(self, class_frequencies: Sequence[float] | torch.Tensor, weight_std: float = SEG_HEAD_WEIGHT_STD,
+                      generator: torch.Generator | None = None) -> None:
+        """Start ``seg_head`` at a class prior (bias ``log p_k``, weights ``N(0, weight_std²)``): every
+        pixel's softmax is ~``p`` whatever the image. See :func:`medcl.models.heads.init_to_prior_`."""
+        init_to_prior_(self.seg_head, class_frequencies, weight_std, generator)
 
     # ------------------------------------------------------------ hand-over
     def load_stage_weights(

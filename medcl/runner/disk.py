@@ -111,7 +111,8 @@ def format_bytes(n: float) -> str:
 
 
 def checkpoint_bytes(cfg: StageConfig, in_channels: int, num_classes: int, multilabel: bool = False) -> int:
-    """Bytes of one checkpoint of stage ``cfg``: its trained network's state and AdamW's two moments.
+    """Bytes of one checkpoint of stage ``cfg``: its trained network's state, AdamW's two moments and,
+    for a stage that validates, the best-validation weights.
 
     The network is built on PyTorch's ``meta`` device (shapes only, no memory); pretrained
     weights named in ``cfg.model`` are not read.
@@ -124,6 +125,7 @@ def checkpoint_bytes(cfg: StageConfig, in_channels: int, num_classes: int, multi
     """
     import torch
 
+    from medcl.config.metrics import validation_metric
     from medcl.train.loop import StageInputs
     from medcl.train.stages import STAGES
 
@@ -136,7 +138,8 @@ def checkpoint_bytes(cfg: StageConfig, in_channels: int, num_classes: int, multi
         net = stage.trainable(stage.build(cfg, inputs), cfg)
     state = sum(t.numel() * t.element_size() for t in net.state_dict().values())
     moments = sum(2 * p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
-    return state + moments
+    best = state if validation_metric(cfg) is not None else 0  # selection.pt: the best-validation weights
+    return state + moments + best
 
 
 class _OneRow:

@@ -16,10 +16,14 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.distributed as dist
 
+from medcl.config.metrics import WEIGHT_CHANGE
+from medcl.train.batches import epoch_batches, steps_per_epoch
 from medcl.train.checkpoints import load_checkpoint, load_model_weights, save_checkpoint
 from medcl.train.context import StageContext, temporary_checkpoint_dir
 from medcl.train.runtime import autocast_context, prepare_model_for_device, seed_everything, unwrap
-from medcl.train.schedule import warmup_cosine
+from medcl.train.schedule import stage_schedule
+from medcl.train.selection import BestEpoch
+from medcl.train.weight_change import WeightChange
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +62,12 @@ def run_loop(ctx: StageContext, cfg: Any, inputs: StageInputs) -> dict[str, floa
 
     The set-up order fixes every random draw of a run (and the optimiser's
     parameter order), so it is the same for every kind: seed -> build the
-    network -> load ``init_from`` parts -> trainable part -> device / DDP ->
+    network -> load ``init_from`` parts -> prepare (e.g. the head's class prior) -> trainable
+    part -> device / DDP ->
     optimiser and schedule -> loss (views) -> batches -> rank-0 logger -> :func:`fit`,
     evaluating on ``"test"`` (and ``"test_shifted"``) after the last epoch when
-    the stage evaluates.
+    the stage evaluates, and on ``"val"`` every ``val_every`` epochs to report the
+    best-validation epoch's test metrics too (:mod:`medcl.train.selection`).
 
     Args:
         ctx: Where the loop runs (Ray Train worker, Tune trial, or a test's context).
@@ -79,13 +85,26 @@ def run_loop(ctx: StageContext, cfg: Any, inputs: StageInputs) -> dict[str, floa
     network = stage.build(cfg, inputs)
     if cfg.init_from is not None:
         stage.load_init(network, load_model_weights(cfg.init_from))
+    stage.prepare(network, ctx, cfg, inputs)  # e.g. the segmentation head's class prior (every rank alike)
     net = prepare_model_for_device(stage.trainable(network, cfg), ctx.device, channels_last=inputs.amp)
     net = ctx.prepare_model(net)
+    weight_change = WeightChange(unwrap(net), WEIGHT_CHANGE.get(cfg.kind, ()))
     optimizer, scheduler = build_optimizer(net.parameters(), cfg, inputs.steps_per_epoch)
     loss_fn = stage.loss(ctx, cfg, inputs, net, generator)
 
+    # One batch iterator across epochs, positioned at the first epoch fit asks for (0, or the
+    # resume epoch): every epoch takes exactly the steps the LR schedule counts, and a capped
+    # epoch goes on where the previous one stopped (see epoch_batches).
+    stream: dict[str, Any] = {}
+
     def batches(epoch: int):
-        return epoch_batches(ctx, cfg, epoch, collate_fn=stage.collate(ctx, cfg, epoch))
+        from itertools import islice
+
+        if stream.get("next") != epoch:
+            stream["batches"] = epoch_batches(ctx, cfg, epoch, steps=inputs.steps_per_epoch, epochs=None,
+                                              pass_collate=lambda p: stage.collate(ctx, cfg, p))
+        stream["next"] = epoch + 1
+        return islice(stream["batches"], inputs.steps_per_epoch)
 
     evaluate = None
     if stage.evaluate is not None:
@@ -96,16 +115,33 @@ def run_loop(ctx: StageContext, cfg: Any, inputs: StageInputs) -> dict[str, floa
             return metrics
 
     return fit(ctx, cfg, net, optimizer, scheduler, batches, loss_fn, evaluate=evaluate,
-               run_logger=rank_zero_logger(ctx, inputs), amp=inputs.amp)
+               run_logger=rank_zero_logger(ctx, inputs), amp=inputs.amp, weight_change=weight_change,
+               selection=BestEpoch.for_stage(ctx, cfg, stage, inputs))
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: Any, steps_per_epoch: int):
-    """Adam(W) with cosine schedule and linear warm-up, per optimiser step."""
+    """AdamW and the stage's schedule (``cfg.schedule``: warm-up, then cosine or constant), per optimiser step.
+
+    Raises:
+        ValueError: ``cfg.warmup_steps`` is longer than the stage (``max_epochs * steps_per_epoch``).
+    """
     params = [p for p in params if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = max(1, cfg.max_epochs * steps_per_epoch)
-    scheduler = warmup_cosine(optimizer, warmup_steps=cfg.warmup_epochs * steps_per_epoch, total_steps=total)
+    if cfg.warmup_steps > total:
+        raise ValueError(f"warmup_steps={cfg.warmup_steps} is longer than stage {cfg.kind} "
+                         f"({cfg.max_epochs} epochs x {steps_per_epoch} steps = {total} steps)")
+    scheduler = stage_schedule(optimizer, cfg.schedule, cfg.warmup_steps, total, cfg.min_lr_ratio)
     return optimizer, scheduler
+
+
+def _all_ranks_skip(skip: bool, ctx: StageContext) -> bool:
+    """Whether every rank asks to skip this batch's optimiser step (one flag all-reduced when distributed)."""
+    if not (ctx.distributed and dist.is_initialized()):
+        return skip
+    flag = torch.tensor([float(skip)], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def mean_across_ranks(total: float, count: int, ctx: StageContext) -> float:
@@ -123,6 +159,7 @@ def _train_epoch(ctx: StageContext, model: torch.nn.Module, batches: Iterable[An
     sums: dict[str, float] = {}
     steps = images = 0
     start = time.perf_counter()
+    skipped = 0
     for batch in batches:
         with autocast_context(ctx.device, amp):
             loss, logs = loss_fn(batch)
@@ -130,6 +167,11 @@ def _train_epoch(ctx: StageContext, model: torch.nn.Module, batches: Iterable[An
             value = float(loss.detach())
             raise NonFiniteLossError(f"non-finite loss ({value if not math.isfinite(value) else 'on another rank'}) "
                                      f"at step {steps}")
+        if _all_ranks_skip(bool(logs.pop("skip_step", False)), ctx):
+            # Nothing to learn from on any rank (e.g. no anchor pixel): an AdamW step on a zero
+            # gradient would still move the weights (momentum, weight decay).
+            skipped += 1
+            continue
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -142,9 +184,13 @@ def _train_epoch(ctx: StageContext, model: torch.nn.Module, batches: Iterable[An
     seconds = time.perf_counter() - start
     metrics = {f"train/{k}": mean_across_ranks(v, steps, ctx) for k, v in sums.items()}
     metrics["train/steps"] = float(steps)
+    metrics["train/skipped_steps"] = float(skipped)
     metrics["train/epoch_time_s"] = seconds
     metrics["train/images_per_s"] = mean_across_ranks(images / max(seconds, 1e-9), 1, ctx) * ctx.world_size
     metrics["train/lr"] = float(optimizer.param_groups[0]["lr"])
+    if steps == 0 and skipped:
+        raise ValueError(f"all {skipped} batches of the epoch were skipped (nothing to learn from, e.g. no "
+                         "foreground pixel in the labelled slices); check the masks or use more labelled data")
     if steps == 0:
         raise ValueError("the training stream yielded no full batch; lower batch_size_per_worker "
                          "or use more data (batches are dropped when incomplete)")
@@ -163,6 +209,8 @@ def fit(
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     run_logger: Any = None,
     amp: bool = False,
+    weight_change: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    selection: BestEpoch | None = None,
 ) -> dict[str, float]:
     """Train ``model`` for ``cfg.max_epochs`` epochs, resuming from the run's latest checkpoint.
 
@@ -177,6 +225,11 @@ def fit(
             its metrics join the last report.
         run_logger: Rank-0 metrics logger (``log_metrics(dict, step)``) or None.
         amp: bf16 autocast (only takes effect on CUDA).
+        weight_change: ``weight_change(unwrapped model)`` -> metrics added to every epoch's report
+            (:class:`~medcl.train.weight_change.WeightChange`).
+        selection: Rank 0's validation and best-epoch record (:class:`~medcl.train.selection.BestEpoch`):
+            its value joins the reports of the epochs it validates, its ``best/*`` the last
+            report, its state every checkpoint (and comes back on resume).
 
     Returns:
         The last epoch's metrics (with evaluation metrics on rank 0).
@@ -188,21 +241,30 @@ def fit(
         if checkpoint is not None:
             meta = load_checkpoint(checkpoint, model=unwrap(model), optimizer=optimizer, scheduler=scheduler)
             start_epoch = int(meta["epoch"]) + 1
+            if selection is not None:
+                selection.restore(checkpoint, start_epoch - 1, unwrap(model))
             logger.info("resumed from %s at epoch %d", checkpoint, start_epoch)
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch, cfg.max_epochs):
         try:
             metrics = _train_epoch(ctx, model, batches(epoch), loss_fn, optimizer, scheduler, amp)
+            if weight_change is not None:
+                metrics.update(weight_change(unwrap(model)))
         except NonFiniteLossError as exc:
             raise NonFiniteLossError(
                 f"{exc} of epoch {epoch} (optimiser step {int(scheduler.last_epoch)}) of stage {cfg.kind} with "
-                f"{_settings(cfg)}; lower lr (or raise warmup_epochs) or check the inputs. Not retried: the "
+                f"{_settings(cfg)}; lower lr (or raise warmup_steps) or check the inputs. Not retried: the "
                 "same settings give the same loss") from None
         metrics["epoch"] = float(epoch)
         metrics["max_epochs"] = float(cfg.max_epochs)
         last = epoch == cfg.max_epochs - 1
+        if selection is not None and selection.due(epoch):
+            metrics.update(selection.update(unwrap(model), epoch))
         if last and evaluate is not None and ctx.is_rank_zero:
-            metrics.update(evaluate(unwrap(model)))
+            tests = evaluate(unwrap(model))
+            metrics.update(tests)
+            if selection is not None:
+                metrics.update(selection.report(unwrap(model), evaluate, tests, epoch))
         # Logged before the report: Tune may stop a trial inside ``report`` (ASHA, an
         # interruption), and the epoch must be in MLflow by then. An epoch lost to a crash
         # before its checkpoint runs again on resume and logs a second point at its step.
@@ -210,26 +272,19 @@ def fit(
             run_logger.log_metrics(metrics, step=epoch)
         if ctx.is_rank_zero and (last or (epoch + 1) % cfg.checkpoint_every == 0):
             with temporary_checkpoint_dir() as tmp:
+                if selection is not None:  # before meta.json, which save_checkpoint writes last
+                    selection.save(tmp, epoch)
                 save_checkpoint(tmp, model=model, optimizer=optimizer, scheduler=scheduler, epoch=epoch,
                                 step=int(scheduler.last_epoch), config=to_dict(cfg), metrics=metrics)
                 ctx.report(metrics, tmp)
         else:
             ctx.report(metrics, None)
     if start_epoch >= cfg.max_epochs and evaluate is not None and ctx.is_rank_zero:
-        metrics = {"epoch": float(cfg.max_epochs - 1), **evaluate(unwrap(model))}
+        tests = evaluate(unwrap(model))
+        metrics = {"epoch": float(cfg.max_epochs - 1), **tests}
+        if selection is not None:
+            metrics.update(selection.report(unwrap(model), evaluate, tests, cfg.max_epochs - 1))
     return metrics
-
-
-def steps_per_epoch(num_rows: int, batch_size_per_worker: int, world_size: int, min_steps: int = 0,
-                    max_steps: int = 0) -> int:
-    """Optimiser steps each worker takes per epoch.
-
-    Whole passes of full batches until there are at least ``min_steps``, then
-    capped at ``max_steps`` (0: no cap).
-    """
-    per_pass = max(1, math.floor(num_rows / world_size) // batch_size_per_worker)
-    steps = per_pass * max(1, math.ceil(min_steps / per_pass))
-    return min(steps, max_steps) if max_steps > 0 else steps
 
 
 @dataclass(frozen=True)
@@ -253,40 +308,3 @@ class StageInputs:
     steps_per_epoch: int = 1
     amp: bool = False
     tracking: dict | None = None
-
-
-def epoch_batches(ctx: StageContext, cfg: Any, epoch: int, name: str = "train", *, collate_fn=None,
-                  shuffle_buffer: int = 256):
-    """This worker's batches of dataset ``name`` for one epoch, as tensors on ``ctx.device``.
-
-    Rows are shuffled locally with a seed that changes every pass; incomplete
-    batches are dropped so that every DDP rank takes the same number of steps.
-    With ``cfg.min_steps_per_epoch`` the epoch makes whole passes over the data
-    until it has taken at least that many steps (a small labelled subset is
-    cycled instead of giving a handful of steps); with ``cfg.max_steps_per_epoch``
-    it ends after that many steps (a step budget on a large set). Together they
-    give every label fraction the same number of steps.
-    """
-    from medcl.data.collate import torch_batches
-
-    def one_pass(repeat: int):
-        seed = ((cfg.seed * 100_003 + epoch) * 101 + ctx.world_rank) * 1009 + repeat
-        return torch_batches(ctx.dataset(name), cfg.batch_size_per_worker, collate_fn=collate_fn, device=ctx.device,
-                             drop_last=True, local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed)
-
-    cap = getattr(cfg, "max_steps_per_epoch", 0)
-
-    def passes():
-        steps = repeat = 0
-        while True:
-            before = steps
-            for batch in one_pass(repeat):
-                steps += 1
-                yield batch
-                if cap and steps >= cap:
-                    return
-            repeat += 1
-            if steps >= cfg.min_steps_per_epoch or steps == before:
-                return
-
-    return passes()

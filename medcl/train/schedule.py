@@ -1,4 +1,11 @@
-"""Learning-rate schedule: linear warm-up followed by cosine decay."""
+"""Learning-rate schedules, stepped once per optimiser step: linear warm-up, then cosine decay or a constant rate.
+
+A stage's ``schedule`` setting picks one (:func:`stage_schedule`): ``cosine``
+decays from ``lr`` to ``min_lr_ratio * lr`` over the stage's optimiser steps
+(what contrastive pretraining uses), ``constant`` keeps ``lr`` (what the
+reference fine-tuning code and a bare baseline use). Both start with
+``warmup_steps`` steps of linear warm-up.
+"""
 from __future__ import annotations
 
 import math
@@ -6,7 +13,10 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["warmup_cosine", "warmup_cosine_factor"]
+__all__ = ["warmup_cosine", "warmup_cosine_factor", "warmup_constant_factor", "stage_schedule", "SCHEDULES"]
+
+#: The values of a stage's ``schedule`` setting.
+SCHEDULES = ("cosine", "constant")
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -35,6 +45,42 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_
         return min_lr_ratio
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_constant_factor(step: int, warmup_steps: int) -> float:
+    """Multiplier of the base rate after ``step`` scheduler steps: ``(step + 1) / (W + 1)`` during warm-up, then 1."""
+    return (step + 1) / (warmup_steps + 1) if step < warmup_steps else 1.0
+
+
+def stage_schedule(optimizer: torch.optim.Optimizer, schedule: str, warmup_steps: int, total_steps: int,
+                   min_lr_ratio: float = 0.0) -> LambdaLR:
+    """The scheduler a stage's settings ask for (``schedule``: ``"cosine"`` or ``"constant"``).
+
+    Args:
+        optimizer: The optimizer whose groups' ``lr`` is the base (peak) rate.
+        schedule: ``"cosine"`` (:func:`warmup_cosine`) or ``"constant"`` (warm-up, then the base rate).
+        warmup_steps: Steps of linear warm-up, in ``[0, total_steps]``.
+        total_steps: The stage's optimiser steps (``max_epochs * steps_per_epoch``).
+        min_lr_ratio: Where the cosine ends (ignored by ``constant``).
+
+    Raises:
+        ValueError: an unknown ``schedule``, or ``warmup_steps`` longer than the stage.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if schedule == "cosine":
+        return warmup_cosine(optimizer, warmup_steps, total_steps, min_lr_ratio)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+    if warmup_steps > _check_int("total_steps", total_steps, 1):
+        raise ValueError(f"warmup_steps must be <= total_steps, got warmup_steps={warmup_steps} > "
+                         f"total_steps={total_steps}")
+
+    def factor(step: int) -> float:
+        return warmup_constant_factor(step, warmup_steps)
+
+    return LambdaLR(optimizer, lr_lambda=factor)
 
 
 def warmup_cosine(

@@ -6,7 +6,7 @@ training batches and (fine-tuning only) its evaluation.
 :func:`medcl.train.loop.run_loop` does everything else, the same for every
 kind and in this order, which fixes every random draw of a run:
 
-    seed_everything -> build -> load init_from parts -> trainable part -> device / DDP
+    seed_everything -> build -> load init_from parts -> prepare (head prior) -> trainable part -> device / DDP
     -> optimiser + schedule -> loss (builds the views) -> batches -> rank-0 logger -> fit
     (-> evaluation on rank 0 after the last epoch)
 
@@ -62,6 +62,12 @@ class Stage(Protocol):
     def load_init(self, network: nn.Module, weights: dict[str, torch.Tensor]) -> None:
         """Copy ``init_parts`` of a previous stage's ``state_dict`` into ``network``."""
 
+    def prepare(self, network: nn.Module, ctx: StageContext, cfg: Any, inputs: StageInputs) -> None:
+        """After ``load_init``, before device placement: set up ``network`` from the training data.
+
+        Fine-tuning sets its head to the labelled set's class prior; other kinds do nothing.
+        """
+
     def trainable(self, network: nn.Module, cfg: Any) -> nn.Module:
         """The part of ``network`` the optimiser trains and the checkpoints hold."""
 
@@ -74,7 +80,11 @@ class Stage(Protocol):
         """
 
     def collate(self, ctx: StageContext, cfg: Any, epoch: int) -> Any | None:
-        """The ``collate_fn`` of epoch ``epoch``'s training batches (None: plain tensors)."""
+        """The ``collate_fn`` of pass ``epoch`` over the training stream (None: plain tensors).
+
+        The loop calls it once per pass (:func:`medcl.train.batches.epoch_batches`), which
+        is the epoch when an epoch is one pass.
+        """
 
 
 class _StageDefaults:
@@ -82,6 +92,11 @@ class _StageDefaults:
 
     def collate(self, ctx: StageContext, cfg: Any, epoch: int) -> Any | None:
         return None
+
+    def prepare(self, network: nn.Module, ctx: StageContext, cfg: Any, inputs: StageInputs) -> None:
+        """After ``load_init``, before device placement: set up ``network`` from the training data (default: nothing)."""
+        return None
+
 
 class UNetStage(_StageDefaults):
     """A stage that trains part of a U-Net (``cfg.model`` is a ``UNetSpec``).
@@ -98,10 +113,32 @@ class UNetStage(_StageDefaults):
         return build_unet(cfg.model, inputs.in_channels, inputs.num_classes)
 
     def load_init(self, network: UNet, weights: dict[str, torch.Tensor]) -> None:
-        network.load_stage_weights(weights, keep=self.init_parts, strict=False)
+        """Load every ``init_parts`` part the checkpoint holds, each one whole; the encoder must be there.
+
+        A global checkpoint holds the encoder (and its head, dropped); a local one the
+        encoder and decoder. A part the checkpoint holds only some keys of, or an
+        encoder it lacks, is a ``ValueError`` naming the missing keys: a silently
+        half-loaded network would train on, and its rows would measure nothing.
+        """
+        held = [part for part in self.init_parts if any(k.split(".", 1)[0] == part for k in _strip(weights))]
+        if "encoder" not in held:
+            raise ValueError(f"init_from checkpoint of stage {self.kind} has no encoder weights (encoder.*); "
+                             f"its keys start with {sorted({k.split('.', 1)[0] for k in weights})}")
+        try:  # strict: every key of the held parts is loaded, none is left over
+            network.load_stage_weights(weights, keep=tuple(held), strict=True)
+        except ValueError as exc:
+            raise ValueError(f"init_from checkpoint does not fit stage {self.kind} (loading {'+'.join(held)}): "
+                             f"{exc}") from None
 
     def trainable(self, network: UNet, cfg: Any) -> nn.Module:
         return UNetPart(network, self.output)
+
+
+def _strip(weights: dict[str, torch.Tensor]) -> list[str]:
+    """Keys without a leading ``module.`` / ``_orig_mod.`` (DDP, ``torch.compile``)."""
+    from medcl.models.weights import strip_key_prefixes
+
+    return list(strip_key_prefixes(weights, ("module.", "_orig_mod.")))
 
 
 def build_encoder(spec: Any, in_channels: int) -> ResNetEncoder:
@@ -120,17 +157,30 @@ class ResNetStage(_StageDefaults):
     init_parts: tuple[str, ...] = ("encoder",)
 
     def load_init(self, network: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-        network.encoder.load_weights(weights, strict=False)
+        """Load the whole ResNet backbone; a missing backbone key is a ``ValueError`` naming it."""
+        try:
+            network.encoder.load_weights(weights, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"init_from checkpoint does not fit stage {self.kind} (loading the ResNet backbone): "
+                             f"{exc}") from None
 
     def trainable(self, network: nn.Module, cfg: Any) -> nn.Module:
         return network
 
 
-def evaluation_streams(dataset_dir: str) -> dict[str, StreamSpec]:
-    """The test streams of a fine-tuning stage: site A's test slices, and site B's when the dataset has one."""
+def evaluation_streams(dataset_dir: str, *, validation: bool) -> dict[str, StreamSpec]:
+    """The evaluation streams of a fine-tuning stage.
+
+    ``"test"``: site A's test slices; ``"test_shifted"``: site B's, when the dataset has
+    them; ``"val"`` (with ``validation``, the stage's ``val_every`` > 0): site A's
+    validation slices, when the dataset has any (without, the loop skips the selection
+    with a warning: :meth:`medcl.train.selection.BestEpoch.for_stage`).
+    """
     from medcl.data.streams import has_shifted_site
 
     streams = {"test": StreamSpec.of("eval_slices", dataset_dir, split="test", site="A")}
     if has_shifted_site(dataset_dir):
         streams["test_shifted"] = StreamSpec.of("eval_slices", dataset_dir, split="test", site="B")
+    if validation and has_shifted_site(dataset_dir, split="val", site="A"):  # any site-A rows in split val
+        streams["val"] = StreamSpec.of("eval_slices", dataset_dir, split="val", site="A")
     return streams

@@ -110,7 +110,8 @@ def test_range_checks_of_the_shared_stage_fields():
         ({"batch_size_per_worker": 0}, "batch_size_per_worker: must be >= 1, got 0"),
         ({"lr": 0}, "lr: must be > 0, got 0.0"),
         ({"weight_decay": -1}, "weight_decay: must be >= 0, got -1.0"),
-        ({"max_epochs": 3, "warmup_epochs": 3}, "warmup_epochs: must be in [0, max_epochs), got 3"),
+        ({"warmup_steps": -1}, "warmup_steps: must be >= 0, got -1"),
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio: must be in [0, 1], got 1.5"),
         ({"checkpoint_every": 0}, "checkpoint_every: must be >= 1, got 0"),
     ]
     for data, expected in cases:

@@ -85,7 +85,7 @@ def test_negative_seeds_are_refused_at_their_key_paths(tmp_path):
 
 
 def test_negative_seeds_in_a_sweep_are_refused(tmp_path):
-    path = _sweep(tmp_path, "method: random\nmetric: test/dice_2d\nmode: max\nsearch_seed: -1\n")
+    path = _sweep(tmp_path, "method: random\nmetric: best/val/dice_2d\nmode: max\nsearch_seed: -1\n")
     path.write_text(path.read_text().replace("stages.global.temperature: {grid: [0.1]}", "seed: {grid: [0, -1]}"))
     problems = _problems(load_sweep, path)
     assert "search_seed: must be an integer in [0, 2**31), got -1" in problems
@@ -125,12 +125,12 @@ def test_a_pipeline_metric_that_no_last_stage_logs_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("stage, metric, message", [
-    ("global", "test/dice_2d", "metric: 'test/dice_2d' is reported by fine-tuning stages after their last epoch, "
-                               "but this sweep ends with stage 'global' (global_pretrain)"),
+    ("global", "best/val/dice_2d", "metric: 'best/val/dice_2d' is reported by fine-tuning stages after their last "
+                                   "epoch, but this sweep ends with stage 'global' (global_pretrain)"),
     ("local", "train/dense_los", "metric: stage 'local' (local_pretrain), which ends this sweep, does not log "
                                  "'train/dense_los' (did you mean 'train/dense_loss'?)"),
-    ("finetune", "val/dice_2d", "metric: stage 'finetune' (seg_finetune), which ends this sweep, does not log "
-                                "'val/dice_2d' (did you mean 'test/dice_2d'?)"),
+    ("finetune", "val/dice", "metric: stage 'finetune' (seg_finetune), which ends this sweep, does not log "
+                             "'val/dice' (did you mean 'val/dice_2d'?)"),
 ])
 def test_a_sweep_metric_that_the_swept_stage_does_not_log_is_refused(tmp_path, stage, metric, message):
     path = _sweep(tmp_path, f"stage: {stage}\nmetric: {metric}\nmode: min\n")
@@ -176,7 +176,7 @@ def test_keys_written_twice_are_reported_with_path_and_lines_together_with_other
 
 
 def test_keys_written_twice_in_a_sweep_file(tmp_path):
-    path = _sweep(tmp_path, "method: global\nmetric: test/dice_2d\nmode: max\nmode: min\n")
+    path = _sweep(tmp_path, "method: global\nmetric: best/val/dice_2d\nmode: max\nmode: min\n")
     assert _problems(load_sweep, path) == [
         "mode: key written twice (lines 7 and 8); YAML keeps only the last value: remove one"]
 

@@ -131,13 +131,20 @@ class TestMedicalView:
         assert (outside > 0.03).sum() >= 16  # most samples are visibly rotated
 
     def test_intensity_jitter_strength_half(self):
-        """Strength 0.5: brightness/contrast factors in [0.6, 1.4]; a constant 0.5 image maps to 0.5*f."""
-        x = torch.full((200, 1, 8, 8), 0.5)
+        """Strength 0.5: brightness factor f in [0.6, 1.4] times a field within [1/1.4, 1.4], then contrast.
+
+        A constant 0.5 image: contrast keeps each sample's mean, so every pixel stays within
+        0.5 * [0.6/1.4, 1.4*1.4]; the means spread like f; the field is visible (samples are no
+        longer constant) and smooth.
+        """
+        x = torch.full((200, 1, 32, 32), 0.5)
         v = MedicalView(scale=(1.0, 1.0), ratio=(1.0, 1.0), degrees=0.0, jitter_p=1.0)(x, _gen(3))
-        vals = v[:, 0, 4, 4]
-        assert vals.min() >= 0.3 - 1e-6 and vals.max() <= 0.7 + 1e-6
-        assert vals.min() < 0.33 and vals.max() > 0.67
-        assert torch.allclose(v, vals.view(-1, 1, 1, 1).expand_as(v))  # stays constant: no blur/noise
+        assert v.min() >= 0.5 * 0.6 / 1.4 - 1e-6 and v.max() <= 0.5 * 1.4 * 1.4 + 1e-6
+        means = v.mean(dim=(1, 2, 3))
+        assert means.min() < 0.35 and means.max() > 0.65
+        spread = v.amax(dim=(1, 2, 3)) - v.amin(dim=(1, 2, 3))
+        assert (spread > 0.02).float().mean() > 0.8  # not one factor per image
+        assert v.diff(dim=-1).abs().max() < 0.05  # smooth: no noise, no texture
 
 
 class TestSimCLRView:
@@ -199,9 +206,9 @@ class TestIntensityView:
             assert torch.equal(idx, rows * 16 + cols)
 
     def test_noise_free_view_is_monotone_in_the_input(self):
-        """Without noise each view is an increasing function of the input (pixel order kept)."""
+        """Without noise and bias field each view is an increasing function of the input (pixel order kept)."""
         x = torch.rand(8, 1, 12, 12, generator=_gen(0)) * 0.6 + 0.2
-        v = IntensityView(noise_std=(0.0, 0.0))(x, _gen(1))
+        v = IntensityView(noise_std=(0.0, 0.0), bias_field=0.0)(x, _gen(1))
         for i in range(8):
             order = x[i].flatten().argsort()
             assert (v[i].flatten()[order].diff() >= -1e-7).all()
@@ -209,7 +216,7 @@ class TestIntensityView:
 
     def test_gamma_only_matches_power(self):
         x = torch.rand(4, 1, 6, 6, generator=_gen(0))
-        v = IntensityView(brightness=0.0, contrast=0.0, gamma=(0.5, 2.0), noise_std=(0.0, 0.0))(x, _gen(1))
+        v = IntensityView(contrast=0.0, gamma=(0.5, 2.0), bias_field=0.0, noise_std=(0.0, 0.0))(x, _gen(1))
         # Recover each sample's exponent from one pixel and check it explains all pixels.
         for i in range(4):
             p = x[i].flatten()
@@ -217,6 +224,17 @@ class TestIntensityView:
             g = torch.log(q[0]) / torch.log(p[0])
             assert 0.5 - 1e-4 <= g <= 2.0 + 1e-4
             torch.testing.assert_close(q, p ** g, atol=1e-5, rtol=1e-4)
+
+
+def test_bias_field_is_smooth_and_bounded_by_its_strength():
+    """x * exp(a u) with max |u| = 1: the log-ratio to the input peaks at exactly a, and varies smoothly."""
+    x = torch.full((6, 1, 40, 40), 0.5)
+    a = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.3, 0.5])
+    y = aug_module._bias_field(x, a, _gen(0))
+    log_ratio = torch.log(y / x)
+    torch.testing.assert_close(log_ratio.abs().amax(dim=(1, 2, 3)), a, atol=1e-5, rtol=1e-5)
+    # smooth: neighbouring pixels differ by a small fraction of the range (a 3x3 control grid over 40 px)
+    assert (log_ratio.diff(dim=-1).abs().amax(dim=(1, 2, 3)) <= 0.2 * a + 1e-7).all()
 
 
 class TestJointTransform:

@@ -224,12 +224,21 @@ def test_torch_trainer_two_workers_see_every_row_once(train_ds, bags_ds, tmp_pat
     assert sum(bags for _, bags in counts) == 4
 
 
-def test_streams_keep_the_shards_row_order_on_every_build(ray_session, dataset_dir):
+def test_streams_keep_one_row_order_on_every_build(ray_session, dataset_dir):
     # Several shards are read in parallel; without a kept order the blocks arrive as reads finish,
-    # and the seeded local shuffle of training would give other batches on every run.
+    # and the seeded local shuffle of training would give other batches on every run. Training
+    # streams hold a seeded permutation of the rows (not the shards' patient-by-patient order),
+    # evaluation streams the shards' order.
     paths = sorted(dataset_dir.glob("shard-*.parquet"))
-    expected = [(r["patient_id"], r["slice_index"]) for r in pq.read_table(paths).to_pylist()
-                if r["split"] == "train"]
-    for _ in range(4):
-        rows = streams.train_images(dataset_dir).select_columns(["patient_id", "slice_index"]).take_all()
-        assert [(r["patient_id"], r["slice_index"]) for r in rows] == expected
+    table = pq.read_table(paths).to_pylist()
+    shard_order = {split: [(r["patient_id"], r["slice_index"]) for r in table if r["split"] == split]
+                   for split in ("train", "test")}
+
+    def order(ds):
+        rows = ds.select_columns(["patient_id", "slice_index"]).take_all()
+        return [(r["patient_id"], r["slice_index"]) for r in rows]
+
+    train = [order(streams.train_images(dataset_dir)) for _ in range(4)]
+    assert all(rows == train[0] for rows in train)
+    assert sorted(train[0]) == sorted(shard_order["train"]) and train[0] != shard_order["train"]
+    assert order(streams.eval_slices(dataset_dir, "test")) == shard_order["test"]

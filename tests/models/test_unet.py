@@ -86,13 +86,21 @@ def test_local_embedding_matches_hand_computed_head():
         torch.testing.assert_close(net.local_embedding(x), expected)
 
 
-def test_global_embedding_matches_hand_computed_head():
+@pytest.mark.parametrize("size,grid,pool", [
+    (16, 4, lambda b: b),  # 4x4 bottleneck on a 4x4 grid: the map itself
+    (8, 4, lambda b: b.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)),  # 2x2 -> every value twice per axis
+    (8, 1, lambda b: b.mean(dim=(2, 3), keepdim=True)),  # grid 1: the global average pool of methods §3
+])
+def test_global_embedding_matches_hand_computed_head(size, grid, pool):
+    """Bottleneck pooled to grid x grid, flattened channel-major, then Linear -> ReLU -> Linear."""
     torch.manual_seed(2)
-    net = UNet(in_channels=1, num_classes=2, features=(4, 8, 6), global_hidden_dim=3, embed_dim=5).eval()
-    x = torch.randn(3, 1, 8, 8)
+    net = UNet(in_channels=1, num_classes=2, features=(4, 8, 6), global_hidden_dim=3, embed_dim=5,
+               global_grid=grid).eval()
+    x = torch.randn(3, 1, size, size)
     with torch.no_grad():
         _, bottleneck = net.encode(x)
-        pooled = bottleneck.mean(dim=(2, 3))
+        pooled = pool(bottleneck).reshape(3, -1)
+        assert pooled.shape == (3, 6 * grid * grid)
         mlp = net.global_head.mlp
         expected = torch.relu(pooled @ mlp.fc1.weight.T + mlp.fc1.bias) @ mlp.fc2.weight.T + mlp.fc2.bias
         out = net.global_embedding(x)
@@ -136,7 +144,8 @@ def test_paper_preset_parameter_count(norm):
     assert body == _unet_param_count(1, 3, (64, 128, 256, 512, 1024))
     assert 28e6 <= body <= 35e6  # published ~31 M
     heads = _count(net.global_head) + _count(net.local_head)
-    assert heads == (1024 * 1024 + 1024 + 1024 * 128 + 128) + (64 * 64 + 64 + 64 * 128 + 128)
+    # global head: the 1024-channel bottleneck pooled to 4x4 and flattened -> 1024 -> 128
+    assert heads == (1024 * 16 * 1024 + 1024 + 1024 * 128 + 128) + (64 * 64 + 64 + 64 * 128 + 128)
     assert _count(net) == body + heads
 
 
@@ -205,6 +214,7 @@ def test_decode_checks_number_of_skips():
         (dict(dropout="0.1"), TypeError, r"dropout must be a float"),
         (dict(embed_dim=0), ValueError, r"embed_dim must be >= 1, got 0"),
         (dict(global_hidden_dim=-1), ValueError, r"global_hidden_dim must be >= 1, got -1"),
+        (dict(global_grid=0), ValueError, r"global_grid must be >= 1, got 0"),
     ],
 )
 def test_constructor_validation(kwargs, exc, match):

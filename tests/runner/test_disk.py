@@ -22,21 +22,22 @@ TINY = {"features": [2, 4], "norm": "instance", "embed_dim": 8}
 # A U-Net with widths (2, 4) on 1 channel, counted by hand (3x3 convs without bias, affine InstanceNorm):
 #   encoder  conv0: 2*1*9 + 2*2 + 2*2*9 + 2*2 = 62;  down1: 4*2*9 + 2*4 + 4*4*9 + 2*4 = 232     -> 294
 #   decoder  up1: transposed conv 4*2*2*2 + 2 = 34;  conv block 2*4*9 + 2*2 + 2*2*9 + 2*2 = 116 -> 150
-#   heads    seg (1x1, K classes): 2*K + K;  global: Linear(4,4) + Linear(4,8) = 20 + 40 = 60;
-#            local: 1x1 conv 2->2 + 1x1 conv 2->8 = 6 + 24 = 30
-# A checkpoint holds the float32 state and AdamW's two moments: 4 * 3 * parameters.
+#   heads    seg (1x1, K classes): 2*K + K;  global (bottleneck pooled to 4x4, flattened):
+#            Linear(4*16, 4) + Linear(4, 8) = 260 + 40 = 300;  local: 1x1 conv 2->2 + 1x1 conv 2->8 = 6 + 24 = 30
+# A checkpoint holds the float32 state and AdamW's two moments: 4 * 3 * parameters; a fine-tuning
+# stage that validates also keeps its best-validation weights (selection.pt): 4 * 4 * parameters.
 HAND_COUNTED = [
-    ("seg_finetune", 2, 294 + 150 + 6),
-    ("seg_finetune", 3, 294 + 150 + 9),
-    ("global_pretrain", 2, 294 + 60),
-    ("local_pretrain", 2, 294 + 150 + 30),
+    ("seg_finetune", 2, 294 + 150 + 6, 4),
+    ("seg_finetune", 3, 294 + 150 + 9, 4),
+    ("global_pretrain", 2, 294 + 300, 3),
+    ("local_pretrain", 2, 294 + 150 + 30, 3),
 ]
 
 
-@pytest.mark.parametrize("kind, classes, params", HAND_COUNTED)
-def test_checkpoint_bytes_of_a_tiny_unet_match_a_hand_count(kind, classes, params):
+@pytest.mark.parametrize("kind, classes, params, copies", HAND_COUNTED)
+def test_checkpoint_bytes_of_a_tiny_unet_match_a_hand_count(kind, classes, params, copies):
     cfg = stage_config_from_dict({"kind": kind, "model": TINY})
-    assert checkpoint_bytes(cfg, in_channels=1, num_classes=classes) == 4 * 3 * params
+    assert checkpoint_bytes(cfg, in_channels=1, num_classes=classes) == 4 * copies * params
 
 
 def test_a_frozen_encoder_has_no_optimiser_state():
@@ -47,7 +48,7 @@ def test_a_frozen_encoder_has_no_optimiser_state():
     reference = ResNetClassifier(build_encoder(cfg.model, 1), 3)  # counted on a real network, independently
     state = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
     head = sum(p.numel() for name, p in reference.named_parameters() if not name.startswith("encoder."))
-    assert checkpoint_bytes(cfg, in_channels=1, num_classes=3) == state + 4 * 2 * head
+    assert checkpoint_bytes(cfg, in_channels=1, num_classes=3) == state + 4 * 2 * head + state  # + best weights
 
 
 def test_the_estimate_matches_a_real_checkpoint_on_disk(tmp_path):
@@ -55,7 +56,8 @@ def test_the_estimate_matches_a_real_checkpoint_on_disk(tmp_path):
     from medcl.train.checkpoints import save_checkpoint
     from medcl.train.nets import UNetPart
 
-    cfg = stage_config_from_dict({"kind": "seg_finetune", "model": {"features": [16, 32, 64, 128]}})
+    # val_every 0: no best-validation copy (selection.pt), so the files are the model and optimiser state
+    cfg = stage_config_from_dict({"kind": "seg_finetune", "val_every": 0, "model": {"features": [16, 32, 64, 128]}})
     net = UNetPart(UNet(in_channels=1, num_classes=3, features=(16, 32, 64, 128)), "logits")
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     net(torch.randn(2, 1, 16, 16)).sum().backward()
@@ -128,7 +130,7 @@ def test_a_pipeline_estimate_counts_every_job(tmp_path, workers, kept):
     cfg = load_pipeline(path)
     prepare_dataset(cfg)
     classes = max(2, len(json.loads((tmp_path / "data" / "manifest.json").read_text())["label_map"]))
-    seg, glob = 4 * 3 * (294 + 150 + 3 * classes), 4 * 3 * (294 + 60)  # the hand counts above
+    seg, glob = 4 * 4 * (294 + 150 + 3 * classes), 4 * 3 * (294 + 300)  # the hand counts above (+ best weights)
     # Jobs by hand: random -> finetune per fraction; global -> one pretraining, then finetune per fraction.
     expected = {"finetune@seed=0,fraction=0.5": seg, "finetune@seed=0,fraction=1": seg, "global@seed=0": glob,
                 "global>finetune@seed=0,fraction=0.5": seg, "global>finetune@seed=0,fraction=1": seg}

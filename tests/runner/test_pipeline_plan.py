@@ -305,8 +305,8 @@ def test_hippocampus_cpu_run_gives_every_fraction_the_same_budgets(shared_data):
     finetune = cfg.stage("finetune")
     assert finetune.max_epochs * finetune.max_steps_per_epoch == 600 == finetune.max_epochs * finetune.min_steps_per_epoch
     local = [cfg.stage(s) for s in ("local_ssl", "local_stride", "local_block", "local_exact")]
-    assert {(s.max_epochs, s.min_steps_per_epoch, s.max_steps_per_epoch, s.batch_size_per_worker) for s in local} == {
-        (2, 20, 20, 2)}
+    assert {(s.max_epochs, s.min_steps_per_epoch, s.max_steps_per_epoch, s.batch_size_per_worker, s.lr)
+            for s in local} == {(2, 100, 100, 4, 1e-3)}  # 200 steps of 4 for every local mode
     assert {cfg.stage(s).model.features for s in cfg.stages} == {(16, 32, 64, 128, 256)}  # the CPU preset
     paper = load_pipeline(REPO / "pipelines" / "hippocampus.yaml",
                           [f"dataset.source_path={shared_data / 'Task04_Hippocampus'}"])

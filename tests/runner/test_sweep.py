@@ -80,7 +80,7 @@ def test_every_problem_of_a_sweep_file_is_reported_with_its_key_path(tmp_path, d
         name: bad
         pipeline: pipe.yaml
         method: global
-        metric: test/dice_2d
+        metric: best/val/dice_2d
         mode: max
         num_sampels: 2
         space:
@@ -117,13 +117,13 @@ def test_every_problem_of_a_sweep_file_is_reported_with_its_key_path(tmp_path, d
 
 @pytest.mark.parametrize("body, messages", [
     # ASHA on a metric that only exists after the last epoch, over a whole chain.
-    ("method: global\nmetric: test/dice_2d\nmode: max\nscheduler: {asha: {grace_period: 1}}",
+    ("method: global\nmetric: best/val/dice_2d\nmode: max\nscheduler: {asha: {grace_period: 1}}",
      ["scheduler.asha: ASHA compares trials at the same epoch of one stage; sweep a single stage",
       "scheduler.asha: ASHA stops trials by comparing them every epoch and needs a metric reported every epoch, "
-      "such as train/loss; 'test/dice_2d' is only reported after the last epoch"]),
+      "such as train/loss or val/dice_2d; 'best/val/dice_2d' is only reported after the last epoch"]),
     # A pretraining stage alone reports no test metric; one epoch leaves no rung before the last.
-    ("stage: global\nmetric: test/dice_2d\nmode: max\nscheduler: {asha: {max_t: 5}}",
-     ["metric: 'test/dice_2d' is reported by fine-tuning stages after their last epoch",
+    ("stage: global\nmetric: best/val/dice_2d\nmode: max\nscheduler: {asha: {max_t: 5}}",
+     ["metric: 'best/val/dice_2d' is reported by fine-tuning stages after their last epoch",
       "scheduler.asha: ASHA stops trials by comparing them every epoch",
       "scheduler.asha: grace_period 1 leaves no rung before the training_iteration of the last epoch of "
       "stage 'global' (1, max_epochs=1)"]),
@@ -138,9 +138,9 @@ def test_every_problem_of_a_sweep_file_is_reported_with_its_key_path(tmp_path, d
     # Neither or both of method/stage; a sweep of a stage the method does not run; a loss maximised.
     ("method: random\nstage: global\nmetric: train/loss\nmode: max",
      ["method, stage: give exactly one", "mode: 'max' would pick the largest train/loss; use mode: min"]),
-    ("method: random\nmetric: test/dice_2d\nmode: max",
+    ("method: random\nmetric: best/val/dice_2d\nmode: max",
      ["space.stages.global.temperature: stage 'global' is not run by this sweep, which runs finetune"]),
-    ("method: nope\nmetric: test/dice_2d\nmode: max\npipeline: missing.yaml",
+    ("method: nope\nmetric: best/val/dice_2d\nmode: max\npipeline: missing.yaml",
      ["pipeline: missing.yaml not found"]),
 ])
 def test_scheduler_metric_and_target_errors(tmp_path, dataset, body, messages):
@@ -186,7 +186,7 @@ def test_command_line_overrides_and_resume_guard(tmp_path, dataset):
         name: s
         pipeline: pipe.yaml
         method: global
-        metric: test/dice_2d
+        metric: best/val/dice_2d
         mode: max
         space: {stages.global.temperature: {grid: [0.1, 0.2]}, seed: {choice: [0, 1]}}
     """)
@@ -293,7 +293,7 @@ def test_interrupted_chain_sweep_resumes_without_running_anything_twice(ray_sess
         name: chain
         pipeline: pipe.yaml
         method: global
-        metric: test/dice_2d
+        metric: best/val/dice_2d
         mode: max
         space: {stages.global.temperature: {grid: [0.2, 0.5]}}
         max_concurrent_trials: 2
@@ -324,7 +324,8 @@ def test_interrupted_chain_sweep_resumes_without_running_anything_twice(ray_sess
     trials = mlt.search_runs(target, parent_run_id=second.parent_run_id)
     assert sorted(trials["run_name"]) == sorted(t.trial_id for t in second.trials)  # one run per trial
     assert set(trials["status"]) == {"FINISHED"}
-    assert trials["metrics.test/dice_2d"].notna().all() and trials["metrics.global/train/loss"].notna().all()
+    assert trials["metrics.best/val/dice_2d"].notna().all() and trials["metrics.global/train/loss"].notna().all()
+    assert trials["metrics.test/dice_2d"].notna().all() and trials["metrics.best/test/dice_2d"].notna().all()
     assert client.get_run(cold["run_id"].item()).info.end_time == cold_end  # the finished trial was not touched
     for trial_run, trial_id in zip(trials["run_id"], trials["run_name"]):
         stages = mlt.search_runs(target, parent_run_id=trial_run)
@@ -344,6 +345,6 @@ def test_interrupted_chain_sweep_resumes_without_running_anything_twice(ray_sess
     capsys.readouterr()
     assert main(["sweep", str(path), "--resume", "-q"]) == 0
     out = capsys.readouterr().out
-    assert "sweep chain: 2 trials (2 finished), metric test/dice_2d (max)" in out
+    assert "sweep chain: 2 trials (2 finished), metric best/val/dice_2d (max)" in out
     assert all(t.trial_id in out for t in second.trials)
     assert len(mlt.search_runs(target, parent_run_id=second.parent_run_id)) == 2

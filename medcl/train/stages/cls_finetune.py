@@ -34,7 +34,7 @@ class ClsFinetune(ResNetStage):
 
     def datasets(self, cfg: ClsFinetuneConfig, dataset_dir: str) -> dict[str, StreamSpec]:
         train = StreamSpec.of("labelled_images", dataset_dir, fraction=cfg.label_fraction, seed=cfg.seed)
-        return {"train": train, **evaluation_streams(dataset_dir)}
+        return {"train": train, **evaluation_streams(dataset_dir, validation=cfg.val_every > 0)}
 
     def build(self, cfg: ClsFinetuneConfig, inputs: StageInputs) -> ResNetClassifier:
         return ResNetClassifier(build_encoder(cfg.model, inputs.in_channels), inputs.num_classes,

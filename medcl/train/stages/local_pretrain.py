@@ -7,7 +7,9 @@ patients' masks are all ``ignore``; the supervised loss uses the labelled
 pixels and ``unsupervised_weight`` × the dense loss runs on the slices of
 unlabelled patients. Views are intensity-only so pixels correspond. Both
 losses are made affordable the same way (``mode``: every ``stride``-th pixel,
-or within ``block_size`` blocks, or all pixels).
+or within ``block_size`` blocks, or all pixels). A batch without an anchor pixel
+(no foreground where the loss samples) takes no optimiser step; the epoch's
+``train/skipped_steps`` counts them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from medcl.config.stages import LocalPretrainConfig
 from medcl.data.augment import make_views
 from medcl.data.streams import StreamSpec
 from medcl.data.schema import IGNORE_INDEX
-from medcl.losses import dense_local_contrastive, supervised_local_contrastive
+from medcl.losses import dense_local_contrastive, has_anchor, supervised_local_contrastive
 from medcl.train.stage import UNetStage
 
 if TYPE_CHECKING:
@@ -65,9 +67,13 @@ class LocalPretrain(UNetStage):
             if cfg.loss == "self_supervised":
                 return dense_local_contrastive(features, **settings), logs
             masks = batch["mask"].long()
+            anchors = has_anchor(masks, cfg.mode, cfg.stride, cfg.block_size, IGNORE_INDEX)
             loss = supervised_local_contrastive(features, masks, **settings, ignore_index=IGNORE_INDEX)
+            if cfg.loss == "supervised":
+                logs["skip_step"] = not anchors  # no foreground pixel: nothing to learn from this batch
             if cfg.loss == "both":
                 unlabelled = (masks == IGNORE_INDEX).flatten(1).all(dim=1)
+                logs["skip_step"] = not anchors and not bool(unlabelled.any())
                 dense_loss = (dense_local_contrastive(features[unlabelled], **settings) if unlabelled.any()
                               else features.sum() * 0.0)
                 logs["supervised_loss"] = float(loss.detach())

@@ -3,19 +3,26 @@
 Starts from random init, or from a global (encoder) or local (encoder +
 decoder) pretraining checkpoint. Evaluates Dice on the test split (and the
 shifted site, when the dataset has one) after the last epoch.
+
+Before training, :meth:`SegFinetune.prepare` starts the segmentation head at
+the class prior of the slices the run trains on (bias ``log p_k``, weights
+``N(0, 1e-3²)``): the first loss is the prior's, whatever the seed.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from medcl.config.stages import SegFinetuneConfig
 from medcl.data.augment import JointTransform
+from medcl.data.collate import torch_batches
 from medcl.data.streams import StreamSpec
 from medcl.data.schema import IGNORE_INDEX
 from medcl.losses import segmentation_loss
+from medcl.models import UNet
 from medcl.train.evaluate import evaluate_segmentation
 from medcl.train.stage import UNetStage, evaluation_streams
 
@@ -23,7 +30,25 @@ if TYPE_CHECKING:
     from medcl.train.context import StageContext
     from medcl.train.loop import LossFn, StageInputs
 
-__all__ = ["SegFinetune", "SEG_FINETUNE"]
+__all__ = ["SegFinetune", "SEG_FINETUNE", "class_pixel_counts"]
+
+
+def class_pixel_counts(ctx: StageContext, num_classes: int, name: str = "train",
+                       batch_size: int = 256) -> torch.Tensor:
+    """Pixels per class ``(K,)`` float64 of stream ``name``, summed over all ranks (ignore pixels left out).
+
+    Each rank counts its own shard of the stream (one pass, no shuffle); the counts are
+    all-reduced when distributed, so every rank gets the same totals.
+    """
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for batch in torch_batches(ctx.dataset(name), batch_size, device="cpu"):
+        mask = batch["mask"].long()
+        mask = mask[(mask >= 0) & (mask < num_classes)]
+        counts += torch.bincount(mask, minlength=num_classes).to(torch.float64)
+    if ctx.distributed and dist.is_initialized():
+        counts = counts.to(ctx.device)
+        dist.all_reduce(counts)
+    return counts.cpu()
 
 
 class SegFinetune(UNetStage):
@@ -37,7 +62,24 @@ class SegFinetune(UNetStage):
     def datasets(self, cfg: SegFinetuneConfig, dataset_dir: str) -> dict[str, StreamSpec]:
         """Labelled training slices, test slices."""
         train = StreamSpec.of("labelled_slices", dataset_dir, fraction=cfg.label_fraction, seed=cfg.seed)
-        return {"train": train, **evaluation_streams(dataset_dir)}
+        return {"train": train, **evaluation_streams(dataset_dir, validation=cfg.val_every > 0)}
+
+    def prepare(self, network: UNet, ctx: StageContext, cfg: SegFinetuneConfig, inputs: StageInputs) -> None:
+        """Start the segmentation head at the class prior of the training stream (:meth:`UNet.init_seg_head`).
+
+        The prior counts the labelled pixels of every rank's shard (all-reduced), so all ranks
+        set the same bias; the weights are drawn from a generator seeded with ``cfg.seed``
+        (the run's other random draws are untouched). A resumed run recomputes it and then
+        loads its checkpoint over it.
+
+        Raises:
+            ValueError: the training stream has no labelled pixel.
+        """
+        counts = class_pixel_counts(ctx, network.num_classes)
+        if counts.sum() <= 0:
+            raise ValueError(f"stage {self.kind}: the training stream (label_fraction={cfg.label_fraction}) has no "
+                             "labelled pixel (every mask is ignore); check the masks of the labelled subjects")
+        network.init_seg_head(counts, generator=torch.Generator().manual_seed(cfg.seed))
 
     def loss(self, ctx: StageContext, cfg: SegFinetuneConfig, inputs: StageInputs, net: nn.Module,
              generator: torch.Generator) -> LossFn:
