@@ -8,6 +8,10 @@ predicted class probabilities and its initial loss on 64 training slices.
 
     python benchmarks/seed_swap.py --subset-seed 1 --init-seed 0 --fraction 0.2
     python benchmarks/seed_swap.py --init-only          # only the initial-state figures, seconds
+
+The initial-state figures are of a freshly built network, before the
+segmentation head is set to the class prior (which fine-tuning now does first);
+``benchmarks/recipe_checks.py --only seg`` prints them before and after.
 """
 from __future__ import annotations
 

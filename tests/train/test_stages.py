@@ -15,10 +15,10 @@ through module fixtures; variants that need no DDP (partition positives, the
 hand-over check, a full classification fine-tune) run the same stage code in
 this process through a small :class:`StageContext`.
 
-The segmentation chain uses ``norm="batch"``: on this tiny cohort, with
-instance norm the globally pooled bottleneck is nearly constant across images
-and the global contrastive loss stays at log(2B-1) for the few steps the test
-can afford (on the quickstart cohort both norms learn; benchmarks/README.md).
+The segmentation chain uses ``norm="batch"``, which exercises the BatchNorm
+variant of the U-Net end to end (it was chosen when the global head still
+average-pooled an InstanceNorm bottleneck, which kept the global loss at
+log(2B-1); the head now keeps a 4x4 grid, see tests/models/test_global_head_signal.py).
 """
 from __future__ import annotations
 
