@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  skipped steps (whole stage) {summary([r['skipped_total'] for r in rows])}")
         if any(r["best/epoch"] is not None for r in rows):
             epochs = [int(r["best/epoch"]) for r in rows if r["best/epoch"] is not None]
-            print(f"  best-validation epoch: " + ", ".join(f"{e}: {epochs.count(e)}" for e in sorted(set(epochs))))
+            print("  best-validation epoch: " + ", ".join(f"{e}: {epochs.count(e)}" for e in sorted(set(epochs))))
     return 0
 
 
