@@ -38,7 +38,6 @@ STAGE_PREFIXES = ("encoder", "decoder", "seg_head", "global_head", "local_head")
 PAPER_FEATURES = (64, 128, 256, 512, 1024)
 CPU_FEATURES = (16, 32, 64, 128, 256)
 GLOBAL_GRID = 4  # side of the map the global head pools the bottleneck to, then flattens
-SEG_HEAD_WEIGHT_STD = 1e-3  # std of the segmentation head's weights after UNet.init_seg_head
 
 
 def _norm_layer(norm: str, channels: int) -> nn.Module:
@@ -350,10 +349,12 @@ class UNet(nn.Module):
         features = self.decode(*self.encode(x))
         return self.seg_head(features), self.local_head(features)
 
-    def init_seg_head(self, class_frequencies: Sequence[float] | torch.Tensor, weight_std: float = SEG_HEAD_WEIGHT_STD,
+    def init_seg_head(self, class_frequencies: Sequence[float] | torch.Tensor, weight_std: float | None = None,
                       generator: torch.Generator | None = None) -> None:
-        """Start ``seg_head`` at a class prior (bias ``log p_k``, weights ``N(0, weight_std²)``): every
-        pixel's softmax is ~``p`` whatever the image. See :func:`medcl.models.heads.init_to_prior_`."""
+        """Start ``seg_head`` at a class prior: bias ``log p_k``, weights kept (or ``N(0, weight_std²)``).
+
+        See :func:`medcl.models.heads.init_to_prior_` (why the weights are kept by default).
+        """
         init_to_prior_(self.seg_head, class_frequencies, weight_std, generator)
 
     # ------------------------------------------------------------ hand-over

@@ -2,10 +2,11 @@
 
 A default-initialised 1x1 head gives each seed its own random guess of the class
 mix (seed 1 of the hippocampus U-Net: mean background probability 0.19 where
-background is ~95 % of the pixels). With the bias at ``log p_k`` and near-zero
-weights, the network's mean predicted probabilities are the class frequencies
-of the slices it is about to train on; the frequencies are counted here from
-the raw mask columns of the shard files.
+background is ~95 % of the pixels). The bias starts at ``log p_k`` of the slices
+the stage is about to train on (counted here from the raw mask columns of the
+shard files); the weights keep their default init (with near-zero weights every
+pixel would predict ``p``, but the decoder gets almost no gradient: measured
+Dice 0.28 vs 0.79 on hippocampus 5 %).
 """
 from __future__ import annotations
 
@@ -22,16 +23,33 @@ from medcl.models import UNet
 SPEC = UNetSpec(features=(8, 16, 32))
 
 
-def test_init_seg_head_predicts_the_given_prior_at_every_pixel():
+def test_init_seg_head_sets_the_log_prior_bias_and_keeps_the_weights():
+    torch.manual_seed(1)
+    net = UNet.cpu(in_channels=1, num_classes=3).eval()
+    weights = net.seg_head.weight.detach().clone()
+    counts = torch.tensor([9500.0, 300.0, 200.0])
+    images = torch.rand(4, 1, 64, 64)
+    with torch.no_grad():
+        before = net(images).softmax(dim=1).mean(dim=(0, 2, 3))
+    net.init_seg_head(counts)
+    assert torch.equal(net.seg_head.weight, weights)
+    torch.testing.assert_close(net.seg_head.bias.detach(), torch.log(counts / counts.sum()))
+    with torch.no_grad():
+        after = net(images).softmax(dim=1).mean(dim=(0, 2, 3))
+    # seed 1's default head puts far less than 95 % on background; the prior bias moves it there
+    assert abs(float(after[0]) - 0.95) < 0.1 < abs(float(before[0]) - 0.95)
+
+
+def test_near_zero_weights_predict_the_prior_at_every_pixel():
     torch.manual_seed(1)
     net = UNet.cpu(in_channels=1, num_classes=3).eval()
     counts = torch.tensor([9500.0, 300.0, 200.0])
-    net.init_seg_head(counts, generator=torch.Generator().manual_seed(0))
+    net.init_seg_head(counts, weight_std=1e-3, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         probs = net(torch.rand(4, 1, 64, 64)).softmax(dim=1)
     prior = (counts / counts.sum()).view(1, 3, 1, 1)
-    assert (probs - prior).abs().max() < 1e-2  # every pixel of every image, not just on average
-    assert 5e-4 < float(net.seg_head.weight.std()) < 2e-3  # weights N(0, 1e-3^2): small, not zero
+    assert (probs - prior).abs().max() < 1e-2  # every pixel of every image
+    assert 5e-4 < float(net.seg_head.weight.detach().std()) < 2e-3
 
 
 def _labelled_frequencies(data: Path, fraction: float, seed: int, num_classes: int) -> np.ndarray:
@@ -51,7 +69,6 @@ def test_fine_tune_starts_at_the_class_frequencies_of_its_labelled_slices(ray_se
     """One step at lr 1e-9 leaves the stage's start point in its checkpoint: it predicts the labelled prior."""
     from in_process import InProcessContext
 
-    from medcl.data.decode import decode_images, read_shards_table
     from medcl.data.ingest import ingest
     from medcl.data.streams import build_streams
     from medcl.train.driver import STAGES, run_loop, stage_inputs
@@ -70,10 +87,6 @@ def test_fine_tune_starts_at_the_class_frequencies_of_its_labelled_slices(ray_se
 
     freq = _labelled_frequencies(data, cfg.label_fraction, cfg.seed, 3)
     assert freq[0] > 0.6 and freq[1:].min() > 0.005  # a skewed prior, every class present
-    net = UNet(in_channels=1, num_classes=3, features=SPEC.features).eval()
     state = torch.load(ctx.checkpoints[-1] / "model.pt", map_location="cpu", weights_only=True)
-    assert not net.load_state_dict(state, strict=False).unexpected_keys
-    images = torch.from_numpy(decode_images(read_shards_table(data, filter=[("split", "=", "train")])).copy())
-    with torch.no_grad():
-        mean_probs = net(images).softmax(dim=1).mean(dim=(0, 2, 3)).numpy()
-    np.testing.assert_allclose(mean_probs, freq, atol=1e-2)
+    # one step at lr 1e-9 leaves the bias where the stage set it: log of the labelled slices' class frequencies
+    np.testing.assert_allclose(state["seg_head.bias"].numpy(), np.log(freq), atol=1e-4)

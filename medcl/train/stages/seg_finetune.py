@@ -65,12 +65,12 @@ class SegFinetune(UNetStage):
         return {"train": train, **evaluation_streams(dataset_dir, validation=cfg.val_every > 0)}
 
     def prepare(self, network: UNet, ctx: StageContext, cfg: SegFinetuneConfig, inputs: StageInputs) -> None:
-        """Start the segmentation head at the class prior of the training stream (:meth:`UNet.init_seg_head`).
+        """Set the segmentation head's bias to the log class prior of the training stream (:meth:`UNet.init_seg_head`).
 
         The prior counts the labelled pixels of every rank's shard (all-reduced), so all ranks
-        set the same bias; the weights are drawn from a generator seeded with ``cfg.seed``
-        (the run's other random draws are untouched). A resumed run recomputes it and then
-        loads its checkpoint over it.
+        set the same bias; the weights keep their seeded default init (near-zero weights
+        starved the decoder: see :func:`medcl.models.heads.init_to_prior_`). A resumed run
+        recomputes it and then loads its checkpoint over it.
 
         Raises:
             ValueError: the training stream has no labelled pixel.
@@ -79,7 +79,7 @@ class SegFinetune(UNetStage):
         if counts.sum() <= 0:
             raise ValueError(f"stage {self.kind}: the training stream (label_fraction={cfg.label_fraction}) has no "
                              "labelled pixel (every mask is ignore); check the masks of the labelled subjects")
-        network.init_seg_head(counts, generator=torch.Generator().manual_seed(cfg.seed))
+        network.init_seg_head(counts)  # the bias only: the weights keep their seeded default init
 
     def loss(self, ctx: StageContext, cfg: SegFinetuneConfig, inputs: StageInputs, net: nn.Module,
              generator: torch.Generator) -> LossFn:
