@@ -313,16 +313,18 @@ def test_fine_tuning_learns_and_reports_the_dice_of_its_checkpoint(seg_chain, se
     assert seg_chain["pretrained"].metrics["test/dice_2d"] > untrained + 0.2, untrained
 
 
-def test_pretrained_fine_tune_beats_random_init_at_equal_steps(seg_chain):
+def test_pretrained_and_random_fine_tunes_take_equal_steps(seg_chain):
     """Both fine-tunes take 2 x 7 steps of 2 x 4 slices; only the starting weights differ.
 
-    Part of what the pretrained network hands over is its BatchNorm statistics: after 14
-    steps a random-init network's running statistics are still far from the data's.
+    Whether pretraining pays off is measured in benchmarks/README.md over seeds, not
+    asserted on 14 toy steps: with the segmentation head's bias at the class prior a
+    random-init network learns this cohort within them (test Dice 0.62 vs 0.47 pretrained
+    when last measured), while the earlier near-zero head weights had it still at the prior.
     """
     pre, rand = seg_chain["pretrained"], seg_chain["random"]
     assert pre.metrics["train/steps"] == rand.metrics["train/steps"] == 60 // 2 // 4
     assert pre.metrics["epoch"] == rand.metrics["epoch"] == 1
-    assert pre.metrics["test/dice_2d"] > rand.metrics["test/dice_2d"] + 0.05, (pre.metrics, rand.metrics)
+    assert pre.metrics["train/skipped_steps"] == rand.metrics["train/skipped_steps"] == 0
 
 
 def test_fine_tune_from_a_global_checkpoint_loads_its_encoder(seg_chain, seg_data, tmp_path):
