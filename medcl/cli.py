@@ -81,7 +81,7 @@ def _parse_option_value(text: str) -> Any:
 
 # ----------------------------------------------------------------------------- ingest
 def _ingest_parser(sub: argparse._SubParsersAction) -> None:
-    from medcl.data.ingest import SOURCE_KINDS, ingest_options
+    from medcl.data.ingest import SOURCE_KINDS, ingest_option_help, ingest_options
 
     parser = sub.add_parser("ingest", help="turn a data source into Parquet shards",
                             epilog=EXAMPLES["ingest"], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,10 +94,11 @@ def _ingest_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument("source", help="task folder, .npz file or CSV")
         p.add_argument("--out", required=True, help="dataset directory to write")
         p.add_argument("--force", action="store_true", help="rebuild even if up to date")
+        helps = ingest_option_help(kind)
         for name, default in ingest_options(kind).items():
             flag = "--" + name.replace("_", "-")
-            p.add_argument(flag, dest=f"opt_{name}", type=_parse_option_value, default=None,
-                           help=f"(default: {default!r})")
+            p.add_argument(flag, dest=f"opt_{name}", type=_parse_option_value, default=None, metavar=name.upper(),
+                           help=f"{helps[name]} (default: {default!r})".replace("%", "%%").lstrip())
         p.set_defaults(func=_cmd_ingest)
 
 

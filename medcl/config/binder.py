@@ -289,6 +289,8 @@ def _coerce(tp: Any, value: Any, path: str, problems: list[str]) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, path, problems)
     if origin in (tuple, list):
+        if isinstance(value, str) and "," in value:  # `--set seeds=0,1,2` as well as `seeds=[0,1,2]`
+            value = [yaml.safe_load(item) for item in value.split(",")]
         if not isinstance(value, (list, tuple)):
             problems.append(f"{path}: expected a list, got {type(value).__name__} {value!r}")
             return None

@@ -170,8 +170,9 @@ def ingest_msd(
         out_dir: Dataset directory to create or replace.
         size: Slices are resized to ``size x size``.
         axis: Spatial axis (0, 1, 2 or -1..-3) the volumes are sliced along.
-        normalisation: Per-volume, per-channel intensity normalisation, a key of
-            :data:`~medcl.data.sources.common.NORMALISATIONS` (default "percentile").
+        normalisation: Per-volume, per-channel intensity normalisation: "percentile"
+            (clip to the 0.5th-99.5th percentile, scale to [0, 1]), "minmax" or "zscore"
+            (:data:`~medcl.data.sources.common.NORMALISATIONS`).
         min_foreground_pixels: Keep only slices with at least this many label > 0
             pixels after resizing (0 keeps every slice, as the paper does).
         split_ratios: (train, val, test) patient fractions (paper: 50/25/25).
