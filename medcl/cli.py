@@ -41,7 +41,10 @@ EXAMPLES = {
   medcl sweep tune_spaces/quickstart_temperature.yaml --resume
   medcl sweep tune_spaces/global_asha.yaml --set num_samples=4 name=global-asha-4""",
     "report": """examples:
-  medcl report --experiment medcl-quickstart --pipeline quickstart --metric test/dice_2d --out report/""",
+  medcl report pipelines/quickstart.yaml
+  medcl report pipelines/hippocampus.yaml --set name=hippo-r5 --baseline random
+  medcl report quickstart --metric test/dice_3d_mean --out report/
+  medcl report --experiment medcl-quickstart --pipeline quickstart --tracking-uri sqlite:///mlflow.db""",
     "validate": """examples:
   medcl validate pipelines/hippocampus.yaml
   medcl validate tune_spaces/local_block.yaml""",
@@ -235,25 +238,71 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("report", help="label-efficiency curve and table from MLflow runs",
                             epilog=EXAMPLES["report"], formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(parser)
-    parser.add_argument("--experiment", default="medcl", help="MLflow experiment")
-    parser.add_argument("--pipeline", required=True, help="pipeline (parent run) name")
-    parser.add_argument("--metric", default="test/dice_2d")
+    parser.add_argument("pipeline_ref", nargs="?", default=None, metavar="PIPELINE",
+                        help="the pipeline file that ran (pipelines/*.yaml: its name, experiment, store and "
+                             "metric are used) or the pipeline's name (its experiment is looked up)")
+    parser.add_argument("--pipeline", default=None, help="pipeline (parent run) name, instead of PIPELINE")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="the overrides the pipeline ran with that change its name or tracking "
+                             "(e.g. name=hippo-r5)")
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment (default: the pipeline file's, else the one experiment "
+                             "holding a pipeline run of that name)")
+    parser.add_argument("--metric", default=None, help="metric to plot (default: the pipeline file's, else test/dice_2d)")
     parser.add_argument("--out", default="report", help="directory for the CSV and PNG")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow server (default: ./mlflow.db or MLFLOW_TRACKING_URI)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store or server (default: the pipeline file's, else MLFLOW_TRACKING_URI, "
+                             "else ./mlflow.db); nothing is created in it")
     parser.add_argument("--baseline", default=None, metavar="METHOD",
                         help="also print each method's paired difference to METHOD per seed (e.g. random), "
                              "with a 95%% bootstrap interval, and write it as a CSV")
     parser.set_defaults(func=_cmd_report)
 
 
+def _report_source(args: argparse.Namespace) -> tuple[str, str | None, str | None, str, str]:
+    """(pipeline name, experiment or None, tracking URI or None, store workdir, default metric) for ``report``.
+
+    A pipeline file gives its ``name``, ``tracking`` and ``metric`` (after ``--set``), read without
+    validating the rest (its data need not be here); the command-line options win over it.
+    """
+    from medcl.config.binder import apply_overrides, load_yaml
+
+    ref = args.pipeline_ref
+    if (ref is None) == (args.pipeline is None):
+        raise UserError("report: give the pipeline file or name (PIPELINE), or --pipeline NAME, not both")
+    name, experiment, uri, workdir, metric = args.pipeline or ref, None, None, ".", "test/dice_2d"
+    if ref is not None and Path(ref).suffix in (".yaml", ".yml"):
+        if not Path(ref).is_file():
+            raise UserError(f"report: pipeline file {ref} not found")
+        data = apply_overrides(load_yaml(ref), args.set)
+        tracking = data.get("tracking") or {}
+        if not isinstance(data.get("name"), str) or not isinstance(tracking, dict):
+            raise UserError(f"report: {ref} has no pipeline `name` (or a bad `tracking` mapping)")
+        name, metric = data["name"], str(data.get("metric") or metric)
+        experiment = tracking.get("experiment", "medcl")
+        uri, workdir = tracking.get("tracking_uri"), str(tracking.get("workdir") or ".")
+    elif args.set:
+        raise UserError("report: --set applies to a pipeline file; give the file as PIPELINE")
+    return name, args.experiment or experiment, args.tracking_uri or uri, workdir, metric
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from medcl import tracking as mlt
     from medcl.report import format_paired, format_table, write_paired_report, write_report
 
-    target = mlt.configure_tracking(tracking_uri=args.tracking_uri, experiment=args.experiment, workdir=".")
-    parent = mlt.find_parent_run(target, args.pipeline)
+    name, experiment, uri, workdir, metric = _report_source(args)
+    args.metric = args.metric or metric
+    uri = mlt.existing_store_uri(uri, workdir)  # read-only: no database or experiment is created
+    if experiment is None:
+        found = mlt.experiments_with_pipeline(uri, name)
+        if len(found) != 1:
+            where = f"experiments {', '.join(map(repr, found))}" if found else "no experiment"
+            raise UserError(f"pipeline run {name!r}: found in {where} of {uri}; name one with --experiment")
+        experiment = found[0]
+    target = mlt.open_tracking(uri, experiment)
+    parent = mlt.find_parent_run(target, name)
     if parent is None:
-        raise UserError(f"no pipeline run named {args.pipeline!r} in MLflow experiment {args.experiment!r}")
+        raise UserError(f"no pipeline run named {name!r} in MLflow experiment {experiment!r} of {uri}")
     # A pipeline's curve is drawn from its final jobs (the fine-tuning run that ends each method).
     role = mlt.run_role(target, parent)
     only_final = "tags.`medcl.role` = 'final'" if role == "pipeline" else None

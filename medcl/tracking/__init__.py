@@ -22,6 +22,7 @@ from medcl.tracking.runs import (
     child_run_id,
     close_open_children,
     end_parent_run,
+    experiments_with_pipeline,
     find_parent_run,
     finish_run,
     log_new_metrics,
@@ -32,7 +33,7 @@ from medcl.tracking.runs import (
     search_runs,
     start_parent_run,
 )
-from medcl.tracking.store import TrackingError, TrackingTarget, configure_tracking
+from medcl.tracking.store import TrackingError, TrackingTarget, configure_tracking, existing_store_uri, open_tracking
 
 __all__ = [
     "ChildRun",
@@ -45,10 +46,13 @@ __all__ = [
     "close_open_children",
     "configure_tracking",
     "end_parent_run",
+    "existing_store_uri",
+    "experiments_with_pipeline",
     "find_parent_run",
     "finish_run",
     "log_new_metrics",
     "log_text",
+    "open_tracking",
     "parent_run_id",
     "reopen_run",
     "run_role",
