@@ -260,29 +260,18 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _report_source(args: argparse.Namespace) -> tuple[str, str | None, str | None, str, str]:
-    """(pipeline name, experiment or None, tracking URI or None, store workdir, default metric) for ``report``.
-
-    A pipeline file gives its ``name``, ``tracking`` and ``metric`` (after ``--set``), read without
-    validating the rest (its data need not be here); the command-line options win over it.
-    """
-    from medcl.config.binder import apply_overrides, load_yaml
+    """(pipeline name, experiment or None, tracking URI or None, store workdir, default metric) for ``report``."""
+    from medcl.config.pipeline import read_pipeline_identity
 
     ref = args.pipeline_ref
     if (ref is None) == (args.pipeline is None):
         raise UserError("report: give the pipeline file or name (PIPELINE), or --pipeline NAME, not both")
-    name, experiment, uri, workdir, metric = args.pipeline or ref, None, None, ".", "test/dice_2d"
     if ref is not None and Path(ref).suffix in (".yaml", ".yml"):
-        if not Path(ref).is_file():
-            raise UserError(f"report: pipeline file {ref} not found")
-        data = apply_overrides(load_yaml(ref), args.set)
-        tracking = data.get("tracking") or {}
-        if not isinstance(data.get("name"), str) or not isinstance(tracking, dict):
-            raise UserError(f"report: {ref} has no pipeline `name` (or a bad `tracking` mapping)")
-        name, metric = data["name"], str(data.get("metric") or metric)
-        experiment = tracking.get("experiment", "medcl")
-        uri, workdir = tracking.get("tracking_uri"), str(tracking.get("workdir") or ".")
+        name, experiment, uri, workdir, metric = read_pipeline_identity(ref, args.set)
     elif args.set:
         raise UserError("report: --set applies to a pipeline file; give the file as PIPELINE")
+    else:
+        name, experiment, uri, workdir, metric = args.pipeline or ref, None, None, ".", "test/dice_2d"
     return name, args.experiment or experiment, args.tracking_uri or uri, workdir, metric
 
 

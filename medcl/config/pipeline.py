@@ -29,7 +29,7 @@ from medcl.config.stages import (
     stage_config_from_dict,
 )
 
-__all__ = ["PipelineConfig", "DatasetSpec", "TrackingSpec", "load_pipeline", "with_scaling", "check_run_name",
+__all__ = ["PipelineConfig", "DatasetSpec", "TrackingSpec", "load_pipeline", "read_pipeline_identity", "with_scaling", "check_run_name",
            "STAGE_KINDS"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -263,3 +263,24 @@ def with_scaling(cfg: PipelineConfig, **changes: Any) -> PipelineConfig:
 
 STAGE_KINDS = tuple(STAGE_CONFIGS)
 _DEFAULT_METRIC = PipelineConfig.__dataclass_fields__["metric"].default
+
+
+def read_pipeline_identity(path: str | Path, overrides: list[str] | None = None) -> tuple[str, str, str | None, str, str]:
+    """``(name, tracking.experiment, tracking.tracking_uri, tracking.workdir, metric)`` of a pipeline file.
+
+    What ``medcl report`` needs to find a pipeline's runs, read with ``overrides`` applied but
+    without validating the rest of the file (its dataset need not be on this machine).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or has no ``name`` or a bad ``tracking`` mapping.
+    """
+    if not Path(path).is_file():
+        raise ConfigError([f"pipeline file {path} not found"], source=str(path))
+    data = apply_overrides(load_yaml(path), list(overrides or []))
+    tracking = data.get("tracking") or {}
+    if not isinstance(data.get("name"), str) or not isinstance(tracking, dict):
+        raise ConfigError(["name: a pipeline needs a string `name` and a `tracking` mapping (or none)"],
+                          source=str(path))
+    defaults = TrackingSpec()
+    return (data["name"], str(tracking.get("experiment", defaults.experiment)), tracking.get("tracking_uri"),
+            str(tracking.get("workdir") or defaults.workdir), str(data.get("metric") or "test/dice_2d"))

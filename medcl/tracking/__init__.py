@@ -2,6 +2,7 @@
 
 - :mod:`medcl.tracking.store`: resolve the store URI, probe a server, get or create the experiment.
 - :mod:`medcl.tracking.runs`: parent and child runs (create, resume, end, close orphans, read back).
+- :mod:`medcl.tracking.lookup`: read-only: an existing store, an experiment in it, the experiments of a pipeline.
 - :mod:`medcl.tracking.logger`: log params, per-step metrics, tags and artifacts to one run (rank 0).
 
 ``mlflow`` is imported lazily so that ``import medcl`` stays light.
@@ -22,7 +23,6 @@ from medcl.tracking.runs import (
     child_run_id,
     close_open_children,
     end_parent_run,
-    experiments_with_pipeline,
     find_parent_run,
     finish_run,
     log_new_metrics,
@@ -33,7 +33,8 @@ from medcl.tracking.runs import (
     search_runs,
     start_parent_run,
 )
-from medcl.tracking.store import TrackingError, TrackingTarget, configure_tracking, existing_store_uri, open_tracking
+from medcl.tracking.lookup import existing_store_uri, experiments_with_pipeline, open_tracking
+from medcl.tracking.store import TrackingError, TrackingTarget, configure_tracking
 
 __all__ = [
     "ChildRun",

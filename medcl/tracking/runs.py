@@ -35,7 +35,6 @@ __all__ = [
     "child_run_id",
     "close_open_children",
     "end_parent_run",
-    "experiments_with_pipeline",
     "find_parent_run",
     "finish_run",
     "log_new_metrics",
@@ -116,18 +115,6 @@ def find_parent_run(target: TrackingTarget, name: str, *, unfinished_only: bool 
     runs = [r for r in _search(target.client(), [target.experiment_id], filt)
             if PARENT_TAG not in r.data.tags and not (unfinished_only and r.info.status == "FINISHED")]
     return max(runs, key=lambda r: r.info.start_time).info.run_id if runs else None
-
-
-def experiments_with_pipeline(tracking_uri: str, name: str) -> list[str]:
-    """Names of the active experiments of store ``tracking_uri`` holding a top-level run called ``name``, sorted."""
-    from medcl.tracking.store import client_for
-
-    client = client_for(tracking_uri)
-    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
-    if not experiments:
-        return []
-    runs = _search(client, list(experiments), f"attributes.run_name = {_quote(name, 'name')}")
-    return sorted({experiments[r.info.experiment_id] for r in runs if PARENT_TAG not in r.data.tags})
 
 
 def parent_run_id(
