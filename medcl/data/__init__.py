@@ -9,7 +9,7 @@ the ``medcl.data.ingest`` module, breaking ``mock.patch("medcl.data.ingest.X")``
 Writing: sources yield :class:`ImageBlock` rows, :func:`write_dataset` writes them.
 Reading: :func:`read_manifest`, :func:`verify_checksums`, :func:`read_shards_table`,
 :func:`read_bags_table`, :func:`decode_images`, :func:`decode_masks`.
-Splits: :func:`split_patients`, :func:`patients_by_split`, :func:`labelled_patients`,
+Splits: :func:`split_patients`, :func:`patients_by_split`, :func:`labelled_patients`, :func:`patient_classes`,
 :func:`unlabelled_patients`.
 
 ``medcl.data.streams`` (Ray Data streams, driver side) and ``medcl.data.collate``
@@ -31,7 +31,7 @@ from medcl.data.sources import (
     ingest_msd,
     ingest_synthetic,
 )
-from medcl.data.splits import labelled_patients, patients_by_split, split_patients, unlabelled_patients
+from medcl.data.splits import labelled_patients, patient_classes, patients_by_split, split_patients, unlabelled_patients
 
 __all__ = [
     "FORMAT_VERSION",
@@ -49,6 +49,7 @@ __all__ = [
     "ingest_options",
     "ingest_synthetic",
     "labelled_patients",
+    "patient_classes",
     "patients_by_split",
     "read_bags_table",
     "read_manifest",

@@ -7,13 +7,17 @@ first ``max(1, round(fraction * n))`` are labelled (rounding half up: 6.5 -> 7).
 The same seed gives the same permutation for every fraction, so smaller subsets are prefixes of larger
 ones (the 5% patients are inside the 10% ones), and validation/test patients
 can never be drawn.
+
+Classification draws per class instead (``labelled_patients(..., classes=patient_classes(...))``):
+the same rule inside each class, with one labelled patient per class at least, so that a small
+fraction never labels a single class only (see :func:`labelled_patients`).
 """
 from __future__ import annotations
 
 import math
 import numbers
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +30,7 @@ __all__ = [
     "check_split_ratios",
     "split_patients",
     "patients_by_split",
+    "patient_classes",
     "labelled_patients",
     "unlabelled_patients",
 ]
@@ -134,34 +139,116 @@ def _check_fraction(fraction: object) -> float:
     return float(fraction)
 
 
-def labelled_patients(train_patients: PatientSource, fraction: float, seed: int = 0) -> list[str]:
+def patient_classes(dataset: str | os.PathLike | Manifest, split: str = "train") -> dict[str, int]:
+    """The class of each patient of a split that has one, for a stratified :func:`labelled_patients`.
+
+    A patient's class is its bag's ``class_label`` in ``bags.parquet``, fixed at ingest: the most
+    frequent ``class_label`` of its images (ties -> the smallest), so a patient whose images
+    disagree still has one class. Patients none of whose images has a ``class_label`` are left
+    out: they are never labelled for classification (their rows carry no target).
+
+    Args:
+        dataset: Dataset directory, or a :class:`Manifest` from :func:`read_manifest`.
+        split: One of ``SPLITS``.
+
+    Returns:
+        ``{patient_id: class index}``.
+
+    Raises:
+        ValueError: unknown split.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    t = read_bags_table(_root(dataset), columns=["patient_id", "class_label"], filter=[("split", "=", split)])
+    return {p: int(c) for p, c in zip(t["patient_id"].to_pylist(), t["class_label"].to_pylist()) if c is not None}
+
+
+def _check_classes(classes: object) -> Mapping[str, int | None]:
+    if not isinstance(classes, Mapping):
+        raise TypeError(f"classes must be a mapping patient_id -> class index (patient_classes), "
+                        f"got {type(classes).__name__}")
+    for p, c in classes.items():
+        if c is not None and (isinstance(c, bool) or not isinstance(c, numbers.Integral)):
+            raise TypeError(f"classes[{p!r}]={c!r} must be an int class index (or None: no class)")
+    return classes
+
+
+def _stratified(ids: list[str], classes: Mapping[str, int | None], fraction: float, seed: int) -> list[str]:
+    by_class: dict[int, list[str]] = {}
+    for p in ids:  # sorted, so each class's list is sorted
+        if classes.get(p) is not None:
+            by_class.setdefault(int(classes[p]), []).append(p)
+    if not by_class:
+        raise ValueError(f"none of the {len(ids)} train patients has a class in classes; "
+                         "nothing to label for classification")
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    for c in sorted(by_class):
+        members = by_class[c]
+        perm = rng.permutation(len(members))
+        out += [members[i] for i in perm[: max(1, _round_half_up(fraction * len(members)))]]
+    return out
+
+
+def labelled_patients(train_patients: PatientSource, fraction: float, seed: int = 0, *,
+                      classes: Mapping[str, int | None] | None = None) -> list[str]:
     """The labelled subset of the training patients for a label fraction.
+
+    Without ``classes`` (segmentation, multi-label classification): a seeded permutation of the
+    ``n`` sorted training patients, of which the first ``max(1, round_half_up(fraction * n))``.
+
+    With ``classes`` (single-label classification: stratified): only the patients with a class are
+    eligible; the eligible patients of each class ``c`` (``n_c`` of them) get their own seeded
+    permutation (one generator seeded with ``seed``, drawn class by class in ascending class
+    order), and the first ``max(1, round_half_up(fraction * n_c))`` of each are labelled. So
+    ``fraction`` is a fraction *of each class*: every class has at least one labelled patient at
+    every fraction, and each class's count is within one patient of ``fraction * n_c``. Where a
+    class has fewer than ``1 / (2 * fraction)`` patients (``fraction * n_c`` rounds to 0) the floor
+    of one makes the realised fraction larger than ``fraction``: 1 % of 60 training patients, 30
+    per class, labels 2 patients (one per class, 3.3 %), and a plain draw would label 1.
+
+    Either way the same seed gives the same permutations for every fraction, so the subsets are
+    nested: a smaller fraction's patients are inside a larger one's.
 
     Args:
         train_patients: Training patient ids, or a dataset directory / :class:`Manifest`
             (its ``split == "train"`` patients are used; val/test never are).
         fraction: Labelled fraction in (0, 1].
         seed: Permutation seed; fixed across fractions so subsets are nested.
+        classes: ``{patient_id: class index}`` (:func:`patient_classes`) to draw per class;
+            patients missing from it or mapped to None are never labelled. None: the plain draw.
 
     Returns:
-        ``max(1, round_half_up(fraction * n))`` patient ids, in permutation order: the
-        result for a smaller fraction is a prefix of the result for a larger one.
+        Patient ids in permutation order (stratified: class by class, each class in its
+        permutation order): the result for a smaller fraction is a prefix of the result for a
+        larger one (stratified: per class).
 
     Raises:
-        ValueError: fraction outside (0, 1] (naming it), no patients, bad seed.
+        ValueError: fraction outside (0, 1] (naming it), no patients, no patient with a class, bad seed.
+        TypeError: ``classes`` not a mapping of int class indices.
 
     Example:
         >>> labelled_patients(["a", "b", "c", "d"], 0.5, seed=0)  # doctest: +SKIP
         ['c', 'a']
+        >>> labelled_patients(["a", "b", "c", "d"], 0.01, seed=0, classes={"a": 0, "b": 0, "c": 1, "d": 1})
+        ... # doctest: +SKIP
+        ['a', 'c']
     """
     f = _check_fraction(fraction)
     ids = _train_patients(train_patients)
-    perm = np.random.default_rng(_check_seed(seed)).permutation(len(ids))
+    seed = _check_seed(seed)
+    if classes is not None:
+        return _stratified(ids, _check_classes(classes), f, seed)
+    perm = np.random.default_rng(seed).permutation(len(ids))
     k = max(1, _round_half_up(f * len(ids)))
     return [ids[i] for i in perm[:k]]
 
 
-def unlabelled_patients(train_patients: PatientSource, fraction: float, seed: int = 0) -> list[str]:
-    """The training patients not in :func:`labelled_patients` (same arguments), sorted."""
-    labelled = set(labelled_patients(train_patients, fraction, seed))
+def unlabelled_patients(train_patients: PatientSource, fraction: float, seed: int = 0, *,
+                        classes: Mapping[str, int | None] | None = None) -> list[str]:
+    """The training patients not in :func:`labelled_patients` (same arguments), sorted.
+
+    With ``classes``, the patients without a class are unlabelled too.
+    """
+    labelled = set(labelled_patients(train_patients, fraction, seed, classes=classes))
     return [p for p in _train_patients(train_patients) if p not in labelled]

@@ -50,7 +50,7 @@ from medcl.data.collate import tensor_from_numpy
 from medcl.data.decode import decode_shard_batch
 from medcl.data.manifest import read_manifest
 from medcl.data.schema import BAGS_NAME, IGNORE_INDEX, MANIFEST_NAME, SHARD_GLOB, SPLITS
-from medcl.data.splits import labelled_patients, patients_by_split, unlabelled_patients
+from medcl.data.splits import labelled_patients, patient_classes, patients_by_split, unlabelled_patients
 
 # torch (and the torch-based augment module) are imported inside the functions that need them:
 # Ray Data ships this module's functions to fresh worker processes, and importing torch there
@@ -226,9 +226,10 @@ def labelled_slices(dataset_dir: str | os.PathLike, fraction: float, seed: int, 
     """Slices of the labelled patients of a split (fine-tuning, supervised local pretraining).
 
     The labelled patients are ``splits.labelled_patients`` of the split's patients (nested across
-    fractions, deterministic in ``seed``); only their rows that carry ``target`` are kept, and only
-    rows of ``split`` (so test patients never enter a training stream). The rows come in a random
-    order seeded by ``seed``.
+    fractions, deterministic in ``seed``), drawn per class for ``target="class_label"`` (stratified
+    by ``splits.patient_classes``: every class has a labelled patient at every fraction); only their
+    rows that carry ``target`` are kept, and only rows of ``split`` (so test patients never enter a
+    training stream). The rows come in a random order seeded by ``seed``.
 
     Args:
         dataset_dir: directory with ``shard-*.parquet``.
@@ -246,7 +247,8 @@ def labelled_slices(dataset_dir: str | os.PathLike, fraction: float, seed: int, 
     if target not in _TARGETS:
         raise ValueError(f"target must be one of {_TARGETS}, got {target!r}")
     paths = shard_paths(dataset_dir)
-    patients = sorted(labelled_patients(patients_by_split(dataset_dir)[split], fraction, seed))
+    classes = patient_classes(dataset_dir, split) if target == "class_label" else None  # multi-label: plain draw
+    patients = sorted(labelled_patients(patients_by_split(dataset_dir)[split], fraction, seed, classes=classes))
     if not patients:
         raise ValueError(f"no labelled patients for split={split!r}, fraction={fraction!r} "
                          f"in {os.fspath(dataset_dir)!r}")
