@@ -10,8 +10,22 @@ from ray.tune import Callback
 __all__ = ["ProgressCallback"]
 
 
+def _duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``, ``4000`` -> ``1h06m``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class ProgressCallback(Callback):
-    """Prints one line per finished epoch and per finished trial, with an ETA per trial.
+    """Prints one line per finished epoch and per finished trial, with an ETA per trial and for the run.
+
+    The run's ETA is the time since the first trial started, scaled by the trials still to
+    finish (``total``): it averages over the run's concurrency and its mix of short and long
+    trials, so it settles after a few trials.
 
     Args:
         quiet: Print only finished trials.
@@ -26,12 +40,15 @@ class ProgressCallback(Callback):
         self._start: dict[str, float] = {}
         self._last: dict[str, int] = {}  # trial id -> epoch last printed
         self._done = 0
+        self._run_start: float | None = None
 
     def _name(self, trial: Any) -> str:
         return str(trial.config.get("job") or trial.config.get("trial") or trial.trial_id)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._start[trial.trial_id] = time.monotonic()
+        if self._run_start is None:
+            self._run_start = self._start[trial.trial_id]
         if not self.quiet:
             print(f"[start] {self._name(trial)}", file=self.stream, flush=True)
 
@@ -53,8 +70,12 @@ class ProgressCallback(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._done += 1
-        elapsed = time.monotonic() - self._start.get(trial.trial_id, time.monotonic())
-        print(f"[done {self._done}/{self.total or len(trials)}] {self._name(trial)} in {elapsed:.0f}s",
+        now = time.monotonic()
+        elapsed = now - self._start.get(trial.trial_id, now)
+        total = self.total or len(trials)
+        run = now - (self._run_start if self._run_start is not None else now)
+        left = f", ~{_duration(run / self._done * (total - self._done))} to go" if self._done < total else ""
+        print(f"[done {self._done}/{total}] {self._name(trial)} in {elapsed:.0f}s (run: {_duration(run)}{left})",
               file=self.stream, flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -26,9 +26,14 @@ def quiet_ray_logging(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow sets its own loggers' level from this when imported (after us: it is imported lazily),
+    # e.g. the "Creating initial MLflow database tables" INFO lines of a new sqlite store.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     level = logging.INFO if verbose else logging.WARNING
     for name in ("ray", "ray.data", "ray.tune", "ray.train", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(level)
+    # Ray Data warns that its progress bars are off, which is what RAY_DATA_DISABLE_PROGRESS_BARS asks.
+    logging.getLogger("ray.data._internal.progress").setLevel(level if verbose else logging.ERROR)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, object_store_gb: float = 2.0,
