@@ -6,7 +6,10 @@ whose trials each run one job as a one-stage chain (:func:`~medcl.runner.trial.r
 that starts from its parent job's checkpoint. Starting the same pipeline again
 resumes: finished waves are read back, an unfinished wave is restored with
 ``Tuner.restore`` (no trial runs twice), and each job's MLflow child run is
-found again by its job key.
+found again by its job key. Starting it with more jobs (``--methods`` with a
+method added, more seeds or fractions) extends it: the new jobs run as waves of
+their own (``wave<depth>-ext<k>``, :func:`~medcl.runner.plan.job_groups`) after
+the old ones are read back, under the same parent run, into the same curve.
 
 Example:
     >>> result = run_pipeline(load_pipeline("pipelines/quickstart.yaml"))  # doctest: +SKIP
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from medcl.config.pipeline import PipelineConfig
 from medcl.runner.failures import describe_error
-from medcl.runner.plan import PLAN_FILE, Job, check_resumable, plan_jobs, plan_record, run_root
+from medcl.runner.plan import PLAN_FILE, Job, check_resumable, job_groups, plan_jobs, plan_record, run_root
 
 if TYPE_CHECKING:
     from medcl.runner.failures import ParentRunGuard
@@ -88,8 +91,9 @@ def _trial(config: dict[str, Any], pipeline: PipelineConfig, jobs: dict[str, Job
 
 
 def _run_wave(cfg: PipelineConfig, depth: int, wave: list[Job], jobs: dict[str, Job],
-              checkpoints: dict[str, str | None], plan: TrialPlan, callbacks: list) -> dict[str, Any]:
-    """One Tune experiment over the jobs of one depth; resumes a previous attempt of it.
+              checkpoints: dict[str, str | None], plan: TrialPlan, callbacks: list,
+              experiment_name: str | None = None) -> dict[str, Any]:
+    """One Tune experiment (``experiment_name``, default ``wave<depth>``) over jobs of one depth; resumes it.
 
     Returns only when every job of the wave finished: Ctrl-C parks the running jobs at their next
     checkpoint (:mod:`medcl.runner.interrupt`) and raises; nothing unfinished is handed on.
@@ -109,13 +113,14 @@ def _run_wave(cfg: PipelineConfig, depth: int, wave: list[Job], jobs: dict[str, 
         plan.placement.resources,
     )
     storage = run_root(cfg.storage_path, cfg.name)
-    experiment = f"{storage}/wave{depth}"
+    name = experiment_name or f"wave{depth}"
+    experiment = f"{storage}/{name}"
     if tune.Tuner.can_restore(experiment):
-        logger.info("resuming wave %d from %s", depth, experiment)
+        logger.info("resuming %s from %s", name, experiment)
         forget_pending_decisions(experiment)
     with stop_at_next_checkpoint() as drain:
         # Each job keeps its latest checkpoint only: the one it hands on (and resumes from).
-        tuner = open_tuner(trainable, storage, f"wave{depth}",
+        tuner = open_tuner(trainable, storage, name,
                            param_space={"job": tune.grid_search([j.key for j in wave])},
                            tune_options={"max_concurrent_trials": cfg.max_concurrent_trials},
                            callbacks=[*callbacks, drain.callback], max_failures=cfg.scaling.max_failures,
@@ -181,10 +186,11 @@ def _run_pipeline(cfg: PipelineConfig, *, config_text: str | None, callbacks: li
     from medcl.runner.failures import raise_terminal_errors
     from medcl.runner.trial import TrialPlan, handover_path, parent_checkpoint
     from medcl.runner.tuner import trial_placement
-    from medcl.storage import write_json
+    from medcl.storage import read_json, write_json
 
     resuming = check_resumable(cfg)
     root = run_root(cfg.storage_path, cfg.name)
+    stored_plan = read_json(root, PLAN_FILE) if resuming else None
     dataset_dir = prepare_dataset(cfg)
     cfg = dataclasses.replace(cfg, dataset=dataclasses.replace(cfg.dataset, path=Path(dataset_dir).resolve()))
     target = mlt.configure_tracking(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
@@ -193,15 +199,19 @@ def _run_pipeline(cfg: PipelineConfig, *, config_text: str | None, callbacks: li
     check_pipeline_disk(cfg, jobs)  # logs the checkpoints' size; refuses a run that would not fit on disk
     streams: dict[Any, Any] = {}  # built first: a job whose data cannot be read fails before anything is recorded
     stage_streams([(job.key, job.config) for job in jobs], str(cfg.dataset.path), cache=streams)
-    parent = mlt.parent_run_id(target, cfg.name, params={"pipeline": cfg.name, "metric": cfg.metric,
-                                                          "label_fractions": cfg.label_fractions,
-                                                          "seeds": cfg.seeds, "methods": list(cfg.methods)},
-                               tags={"medcl.role": "pipeline", "medcl.dataset": str(cfg.dataset.path)},
+    groups = job_groups(stored_plan, jobs)
+    grid = {"label_fractions": cfg.label_fractions, "seeds": cfg.seeds, "methods": list(cfg.methods)}
+    # MLflow params cannot change: an extended run keeps its first start's grid params, and the
+    # tags say what it holds now.
+    params = {"pipeline": cfg.name, "metric": cfg.metric, **({} if len(groups) > 1 else grid)}
+    parent = mlt.parent_run_id(target, cfg.name, params=params,
+                               tags={"medcl.role": "pipeline", "medcl.dataset": str(cfg.dataset.path),
+                                     **{f"medcl.{k}": ",".join(map(str, v)) for k, v in grid.items()}},
                                reopen_finished=resuming)
     guard.watch(lambda status: mlt.end_parent_run(target, parent, status=status))
     if config_text is not None:
         mlt.log_text(target, parent, config_text, "pipeline.yaml")
-    write_json(root, PLAN_FILE, plan_record(cfg, jobs))
+    write_json(root, PLAN_FILE, plan_record(cfg, jobs, groups))
     by_key = {job.key: job for job in jobs}
     checkpoints: dict[str, str | None] = {}
     metrics: dict[str, dict[str, float]] = {}
@@ -215,15 +225,19 @@ def _run_pipeline(cfg: PipelineConfig, *, config_text: str | None, callbacks: li
                                   fractional_gpu=False),
         streams=streams, stage_tags=False)
     for depth in sorted({job.depth for job in jobs}):
-        wave = [job for job in jobs if job.depth == depth]
-        for job in wave:
-            parent_checkpoint(job, checkpoints)  # a parent without a checkpoint stops the run here, naming the job
-        logger.info("wave %d: %d job(s)", depth, len(wave))
-        results = _run_wave(cfg, depth, wave, by_key, checkpoints, plan, callbacks or [])
-        raise_terminal_errors(depth, results)
-        for key, result in results.items():
-            checkpoints[key] = handover_path(result.checkpoint)
-            metrics[key] = dict(result.metrics or {})
+        for index, group in enumerate(groups):  # the first start's jobs, then each extension's
+            wave = [by_key[key] for key in group if by_key[key].depth == depth]
+            if not wave:
+                continue
+            for job in wave:
+                parent_checkpoint(job, checkpoints)  # a parent without a checkpoint stops the run here, naming the job
+            name = f"wave{depth}" if index == 0 else f"wave{depth}-ext{index}"
+            logger.info("%s: %d job(s)", name, len(wave))
+            results = _run_wave(cfg, depth, wave, by_key, checkpoints, plan, callbacks or [], experiment_name=name)
+            raise_terminal_errors(depth, results)
+            for key, result in results.items():
+                checkpoints[key] = handover_path(result.checkpoint)
+                metrics[key] = dict(result.metrics or {})
     out = PipelineResult(parent_run_id=parent, tracking_uri=target.tracking_uri, checkpoints=checkpoints, metrics=metrics)
     if report:
         from medcl.report import write_report

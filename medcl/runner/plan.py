@@ -6,8 +6,12 @@ run serves every fraction and every method that starts with it; a stage that
 uses labels (supervised local pretraining, fine-tuning) is run per fraction.
 Jobs of the same depth form a wave (:mod:`medcl.runner.pipeline`).
 
-The plan of a run's first start is kept in ``<storage_path>/<name>/plan.json``;
-starting the same name again with another plan is refused.
+The plan of a run is kept in ``<storage_path>/<name>/plan.json``. Starting the
+same name again resumes it; with *more* jobs (other methods, seeds or fractions
+added by ``--methods`` or ``--set``) it extends it: the finished jobs are kept
+and the new ones run as a further group of waves (:func:`job_groups`), so one
+parent run and one curve hold them all. Any other change (a job dropped, a
+job's settings or the dataset changed) is refused.
 
 Example:
     >>> jobs = plan_jobs(load_pipeline("pipelines/quickstart.yaml"))  # doctest: +SKIP
@@ -27,7 +31,7 @@ from medcl.config.pipeline import PipelineConfig
 from medcl.config.stages import StageConfig
 from medcl.storage import read_json, resolve_storage
 
-__all__ = ["PLAN_FILE", "Job", "check_resumable", "plan_jobs", "plan_record", "run_root"]
+__all__ = ["PLAN_FILE", "Job", "check_resumable", "job_groups", "plan_jobs", "plan_record", "run_root"]
 
 PLAN_FILE = "plan.json"
 
@@ -92,25 +96,45 @@ def run_root(storage_path: str | Path, name: str) -> str:
     return f"{resolve_storage(storage_path)}/{name}"
 
 
-def plan_record(cfg: PipelineConfig, jobs: list[Job]) -> dict[str, Any]:
-    """What a run of ``cfg`` under its name is: the dataset and every job's resolved config."""
+def plan_record(cfg: PipelineConfig, jobs: list[Job], groups: list[list[str]] | None = None) -> dict[str, Any]:
+    """What a run of ``cfg`` under its name is: the dataset, every job's resolved config, its job groups."""
     configs = {job.key: json.loads(json.dumps(to_dict(job.config), default=str)) for job in jobs}
-    return {"dataset": str(Path(cfg.dataset.path).resolve()), "jobs": configs}
+    return {"dataset": str(Path(cfg.dataset.path).resolve()), "jobs": configs,
+            "groups": groups if groups is not None else [[job.key for job in jobs]]}
+
+
+def job_groups(old: dict[str, Any] | None, jobs: list[Job]) -> list[list[str]]:
+    """The run's job groups: the stored ones, then the jobs no group holds yet (an extension), if any.
+
+    Group ``g`` of depth ``d`` is one Tune experiment (``wave<d>``, ``wave<d>-ext<g>``), so an
+    extension never touches the experiments of the jobs that already ran.
+
+    Args:
+        old: The stored plan record (None: a new run); a record from before groups were stored
+            is one group of its jobs.
+        jobs: The jobs planned now (a superset of the stored ones: :func:`check_resumable`).
+    """
+    if old is None:
+        return [[job.key for job in jobs]]
+    groups = [list(g) for g in old.get("groups") or [list(old.get("jobs", {}))]]
+    known = {key for group in groups for key in group}
+    added = [job.key for job in jobs if job.key not in known]
+    return groups + [added] if added else groups
 
 
 def check_resumable(cfg: PipelineConfig) -> bool:
-    """Refuse to resume a pipeline run that was started with other jobs or configs.
+    """Refuse to resume a pipeline run that was started with other jobs or configs; allow more jobs.
 
-    The waves of a run are restored by name, so running a changed pipeline (other
-    methods, fractions, seeds or stage settings) under the same name would mix
-    results of two configurations. The plan of the first run is kept in
-    ``<storage_path>/<name>/plan.json``.
+    The waves of a run are restored by name, so running a changed pipeline (a job dropped, a
+    job's stage settings or the dataset changed) under the same name would mix results of two
+    configurations. Added jobs (methods, seeds or fractions) extend the run (:func:`job_groups`).
+    The plan is kept in ``<storage_path>/<name>/plan.json``.
 
     Returns:
-        True when a run of this pipeline exists (and will be resumed), False for a new one.
+        True when a run of this pipeline exists (and will be resumed or extended), False for a new one.
 
     Raises:
-        ValueError: the stored plan differs; the message names what changed.
+        ValueError: the stored plan differs other than by added jobs; the message names what changed.
     """
     root = run_root(cfg.storage_path, cfg.name)
     old = read_json(root, PLAN_FILE)
@@ -121,15 +145,15 @@ def check_resumable(cfg: PipelineConfig) -> bool:
     if old.get("dataset") != new["dataset"]:
         changes.append(f"dataset {old.get('dataset')} -> {new['dataset']}")
     old_jobs, new_jobs = old.get("jobs", {}), new["jobs"]
-    added = sorted(set(new_jobs) - set(old_jobs))
     removed = sorted(set(old_jobs) - set(new_jobs))
     changed = sorted(k for k in set(new_jobs) & set(old_jobs) if new_jobs[k] != old_jobs[k])
-    for what, keys in (("new jobs", added), ("jobs no longer planned", removed), ("jobs with other settings", changed)):
+    for what, keys in (("jobs no longer planned", removed), ("jobs with other settings", changed)):
         if keys:
             more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
             changes.append(f"{what}: {', '.join(keys[:3])}{more}")
     if changes:
         raise ValueError(f"pipeline {cfg.name!r} was started at {root} with another plan ({'; '.join(changes)}); "
+                         "a run can only be extended (more methods, seeds or fractions, the same settings); "
                          f"run the changed pipeline under a new name (--set name={cfg.name}-2), or delete {root} "
                          "to start over")
     return True

@@ -6,6 +6,7 @@ Expectations are the job names and run counts the plan implies, written out by h
 from __future__ import annotations
 
 import csv
+import json
 import textwrap
 from pathlib import Path
 
@@ -135,13 +136,32 @@ def test_pipeline_runs_reports_resumes_and_refuses_a_changed_plan(ray_session, t
     for key in expected:
         assert second.metrics[key].get("train/loss") == first.metrics[key].get("train/loss")
 
-    # The same name with another plan is refused before anything runs, naming the new jobs.
-    bigger = load_pipeline(path)  # adds the `global` method: its fine-tuning jobs are new
-    with pytest.raises(ValueError) as info:
-        check_resumable(bigger)
-    message = str(info.value)
-    assert "new jobs: global>finetune@seed=0,fraction=0.5, global>finetune@seed=0,fraction=1" in message
-    assert "--set name=tiny-run-2" in message
+    # The same name with a changed plan is refused before anything runs, naming what changed.
     longer = load_pipeline(path, overrides=["stages.finetune.max_epochs=2"], methods=["random", "global+local"])
-    with pytest.raises(ValueError, match="jobs with other settings: finetune@seed=0,fraction=0.5"):
+    with pytest.raises(ValueError, match="jobs with other settings: finetune@seed=0,fraction=0.5") as info:
         check_resumable(longer)
+    assert "--set name=tiny-run-2" in str(info.value)
+    fewer = load_pipeline(path, methods=["random"])
+    with pytest.raises(ValueError, match="jobs no longer planned: global"):
+        check_resumable(fewer)
+
+    # More methods extend the run: only the new jobs run (from the global checkpoint that
+    # exists), under the same parent, and the curve holds all three methods.
+    bigger = load_pipeline(path)  # adds the `global` method: its two fine-tuning jobs are new
+    assert check_resumable(bigger)
+    third = run_pipeline(bigger, config_text=path.read_text())
+    assert third.parent_run_id == first.parent_run_id
+    extended = mlt.search_runs(target, parent_run_id=first.parent_run_id)
+    new = {"global>finetune@seed=0,fraction=0.5", "global>finetune@seed=0,fraction=1"}
+    assert set(extended["run_name"]) == expected | new and len(extended) == len(expected) + 2
+    assert set(extended[extended["run_name"].isin(expected)]["run_id"]) == set(children["run_id"])
+    for key in expected:  # the old jobs were read back, not run again
+        assert third.metrics[key].get("train/loss") == first.metrics[key].get("train/loss")
+    assert third.checkpoints["global@seed=0"] == first.checkpoints["global@seed=0"]
+    with open(third.csv_path, newline="") as fh:
+        assert {(r["method"], float(r["label_fraction"])) for r in csv.DictReader(fh)} == {
+            (m, f) for m in ("random", "global", "global+local") for f in (0.5, 1.0)}
+    plan = json.loads((tmp_path / "runs" / "tiny-run" / "plan.json").read_text())
+    assert plan["groups"][1] == sorted(new)
+    assert (tmp_path / "runs" / "tiny-run" / "wave1-ext1").is_dir()
+    assert not (tmp_path / "runs" / "tiny-run" / "wave0-ext1").exists()  # no new job at depth 0
