@@ -20,7 +20,7 @@ def _chance(params: dict) -> float | None:
     """NT-Xent / local loss at chance: log of the number of candidates an anchor is compared with."""
     kind = params.get("kind")
     batch = int(params.get("batch_size_per_worker", 0) or 0)
-    if kind == "global_pretrain" and params.get("positives", "simclr") == "simclr" and batch > 0:
+    if kind == "global_pretrain" and params.get("positives", "simclr") in ("simclr", "micle") and batch > 0:
         return math.log(2 * batch - 1)
     return None
 

@@ -153,10 +153,23 @@ def _check_temperature(value: float) -> None:
 
 @dataclass(frozen=True)
 class GlobalPretrainConfig(_StageBase):
-    """Stage 1: U-Net encoder, global contrastive loss on all training slices (methods §1a/§1d)."""
+    """Stage 1: U-Net encoder, global contrastive loss without labels (methods §1a/§1c/§1d).
+
+    ``positives``: ``simclr``, two views of one training slice; ``micle``, one view each of
+    two *different* slices of one training patient (a one-slice patient: two views of it);
+    ``partition``, one slice per ``num_partitions`` partition of each patient's volume, the
+    same partition of every volume in the batch being positives. With ``simclr`` a row, and
+    ``batch_size_per_worker``, is a slice and an epoch one pass over the training slices;
+    with ``micle`` and ``partition`` a row is a patient (bag): an epoch is one pass over the
+    training patients (each pass draws new slices), so it has about slices-per-patient
+    times fewer steps; ``min_steps_per_epoch`` / ``max_steps_per_epoch`` count steps as
+    for every stream (cycled passes, then the cap), e.g. to give ``micle`` the step
+    budget of ``simclr``. ``micle`` and ``partition`` need the dataset's ``bags.parquet``
+    and at least ``batch_size_per_worker`` training patients per worker.
+    """
 
     kind: Literal["global_pretrain"] = "global_pretrain"
-    positives: Literal["simclr", "partition"] = "simclr"
+    positives: Literal["simclr", "micle", "partition"] = "simclr"
     temperature: float = 0.1
     num_partitions: int = 4
     views: Literal["medical", "simclr"] = "medical"

@@ -193,7 +193,7 @@ def test_text_that_yaml_reads_as_a_boolean_or_a_date_says_to_quote_it(tmp_path):
         "quote it ('2024-01-01')",
         f"methods.False: key read as False: {bool_hint}",
         f"tracking.experiment: expected a string, got False: {bool_hint}",
-        f"stages.global.positives: must be one of 'simclr', 'partition', got True: {bool_hint}",
+        f"stages.global.positives: must be one of 'simclr', 'micle', 'partition', got True: {bool_hint}",
     ]
     # quoted, the same values are text
     path = _pipeline(tmp_path, **{"name: tiny": "name: '2024-01-01'", "experiment: medcl": "experiment: 'no'"})

@@ -282,9 +282,10 @@ def test_classification_chain(tmp_path):
 
 # ----------------------------------------------------------------------------- the shipped files
 _SHIPPED = {  # file: (source_path under shared data or None, jobs planned, jobs planned with --smoke)
-    # 3 global + 3 self-supervised local (shared by fractions) + 3 supervised local x 4 fractions x 3 seeds
-    # + 6 methods x 4 fractions x 3 seeds fine-tunes; smoke: 5%, seed 0
-    "hippocampus": ("Task04_Hippocampus", 3 + 3 + 36 + 72, 1 + 1 + 3 + 6),
+    # 3 x (global, global_micle, global_partition) + 3 self-supervised local (shared by fractions)
+    # + 3 supervised local x 4 fractions x 3 seeds + 8 methods x 4 fractions x 3 seeds fine-tunes;
+    # smoke: 5%, seed 0
+    "hippocampus": ("Task04_Hippocampus", 9 + 3 + 36 + 96, 3 + 1 + 3 + 8),
     "micle": (None, 2 * 3 + 3 * 3 * 3, 2 + 3),            # 2 pretrains x 3 seeds + 3 methods x 3 fractions x 3 seeds
     "pneumonia": ("pneumoniamnist/pneumoniamnist.npz", 3 + 2 * 3 * 3, 1 + 2),
 }
