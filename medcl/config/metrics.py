@@ -6,14 +6,21 @@ fine-tuning stage adds, after its last epoch, its evaluation on ``test`` (and
 ``shifted``, when the dataset has a shifted site): :data:`EVALUATION`.
 
 Model selection (``val_every`` > 0, a dataset with validation patients): a
-fine-tuning stage also reports its validation metric :data:`VALIDATION`
-(``val/dice_2d``, ``val/auc``) every ``val_every`` epochs and at the last one,
-keeps the weights of its best-validation epoch and, after the last epoch,
-reports that epoch and value (``best/epoch``, ``best/val/dice_2d``) and the
-whole test evaluation of those weights under ``best/`` (``best/test/dice_2d``,
+fine-tuning stage also reports its validation metrics :data:`VALIDATION_REPORTS`
+(``val/dice_2d``; ``val/patient_auc`` and ``val/auc``) every ``val_every``
+epochs and at the last one, keeps the weights of the epoch best by
+:data:`VALIDATION` (the first of them) and, after the last epoch, reports that
+epoch and its values (``best/epoch``, ``best/val/dice_2d``) and the whole test
+evaluation of those weights under ``best/`` (``best/test/dice_2d``,
 ``best/shifted/dice_2d``): the last epoch's name, prefixed. Test and shifted
 metrics (:func:`is_test_metric`) are for reporting, never for choosing
 hyperparameters (``medcl.config.sweep`` refuses them).
+
+Classification reports every metric twice: per image (``auc``) and per
+patient (``patient_auc``: the mean of a patient's image probabilities scored
+against its label, :func:`medcl.train.metrics.patient_metrics`). The labels
+are per patient, so classification selects on ``val/patient_auc``; where
+every patient has one image (MedMNIST) the two are equal.
 
 The names are declared here because ``config`` sits below ``train`` (imports
 point down); ``tests/config/test_logged_metrics.py`` runs every kind for one
@@ -28,8 +35,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = ["PER_EPOCH", "TRAIN_LOGS", "WEIGHT_CHANGE", "EVALUATION", "EVALUATION_PREFIXES", "StageMetrics", "stage_metrics",
-           "is_evaluation_metric", "check_metric", "VALIDATION", "VALIDATION_PREFIX", "BEST_PREFIX",
-           "validation_metric", "is_test_metric"]
+           "is_evaluation_metric", "check_metric", "VALIDATION", "VALIDATION_REPORTS", "VALIDATION_PREFIX",
+           "BEST_PREFIX", "validation_metric", "validation_metrics", "is_test_metric"]
 
 #: Reported by every stage every epoch (``fit`` and ``_train_epoch`` of medcl/train/loop.py).
 PER_EPOCH = ("epoch", "max_epochs", "train/loss", "train/steps", "train/skipped_steps", "train/epoch_time_s",
@@ -50,19 +57,25 @@ WEIGHT_CHANGE: dict[str, tuple[str, ...]] = {
 }
 
 #: Evaluation of a fine-tuning stage after its last epoch, without the ``test/`` / ``shifted/`` prefix
-#: (medcl/train/metrics: ``DiceAccumulator.compute``, ``classification_metrics``).
+#: (medcl/train/metrics: ``DiceAccumulator.compute``, ``classification_metrics`` per image,
+#: ``patient_metrics`` per patient).
 EVALUATION: dict[str, tuple[str, ...]] = {
     "seg_finetune": ("dice_2d", "dice_2d_class{c}", "dice_3d_mean", "dice_3d_std", "dice_3d_num_volumes",
                      "dice_3d_class{c}_mean", "dice_3d_class{c}_std"),
-    "cls_finetune": ("accuracy", "auc", "auc_class{c}"),
+    "cls_finetune": ("accuracy", "auc", "auc_class{c}", "patient_accuracy", "patient_auc", "patient_auc_class{c}"),
 }
 
 #: ``test`` always; ``shifted`` when the dataset has a ``test_shifted`` split.
 EVALUATION_PREFIXES = ("test", "shifted")
 
-#: The validation metric of a fine-tuning kind (higher is better), reported as ``val/<name>``:
-#: the cheap part of its evaluation that picks the best epoch.
-VALIDATION: dict[str, str] = {"seg_finetune": "dice_2d", "cls_finetune": "auc"}
+#: What a fine-tuning kind reports of its validation evaluation, as ``val/<name>`` (and ``best/val/<name>``
+#: for the best epoch): the cheap part of its evaluation. The first (:data:`VALIDATION`) picks the best epoch.
+VALIDATION_REPORTS: dict[str, tuple[str, ...]] = {"seg_finetune": ("dice_2d",),
+                                                  "cls_finetune": ("patient_auc", "auc")}
+
+#: The validation metric of a fine-tuning kind (higher is better) that picks the best epoch, ``val/<name>``.
+#: Classification: per patient (its labels are per patient; issue 15), not the per-image ``val/auc``.
+VALIDATION: dict[str, str] = {kind: names[0] for kind, names in VALIDATION_REPORTS.items()}
 VALIDATION_PREFIX = "val"
 
 #: Prefix of what is reported for the best-validation epoch: ``best/epoch``, ``best/val/<name>`` and
@@ -101,7 +114,7 @@ def _test_names(kind: str, best: str = "") -> tuple[str, ...]:
 
 
 def _best_names(kind: str) -> tuple[str, ...]:
-    return (f"{BEST_PREFIX}/epoch", f"{BEST_PREFIX}/{VALIDATION_PREFIX}/{VALIDATION[kind]}")
+    return (f"{BEST_PREFIX}/epoch", *(f"{BEST_PREFIX}/{VALIDATION_PREFIX}/{name}" for name in VALIDATION_REPORTS[kind]))
 
 
 def is_test_metric(name: str) -> bool:
@@ -117,10 +130,19 @@ def is_evaluation_metric(name: str) -> bool:
 
 
 def validation_metric(cfg: Any) -> str | None:
-    """``val/<name>`` that a stage with config ``cfg`` validates on, or None (not fine-tuning, or ``val_every: 0``)."""
-    if cfg.kind not in VALIDATION or getattr(cfg, "val_every", 0) <= 0:
-        return None
-    return f"{VALIDATION_PREFIX}/{VALIDATION[cfg.kind]}"
+    """``val/<name>`` that a stage with config ``cfg`` selects on, or None (not fine-tuning, or ``val_every: 0``)."""
+    names = validation_metrics(cfg)
+    return names[0] if names else None
+
+
+def validation_metrics(cfg: Any) -> tuple[str, ...]:
+    """Every ``val/<name>`` a stage with config ``cfg`` reports when it validates, the selection metric first.
+
+    Empty when it never validates (not fine-tuning, or ``val_every: 0``).
+    """
+    if cfg.kind not in VALIDATION_REPORTS or getattr(cfg, "val_every", 0) <= 0:
+        return ()
+    return tuple(f"{VALIDATION_PREFIX}/{name}" for name in VALIDATION_REPORTS[cfg.kind])
 
 
 def stage_metrics(cfg: Any) -> StageMetrics:
@@ -131,9 +153,9 @@ def stage_metrics(cfg: Any) -> StageMetrics:
         if getattr(cfg, setting) == value:
             per_epoch = per_epoch + logs
     final = _test_names(cfg.kind)
-    val = validation_metric(cfg)
-    if val is not None:  # val_every: 1 reports it every epoch (ASHA can compare it); > 1 not every epoch
-        per_epoch, final = (per_epoch + (val,), final) if cfg.val_every == 1 else (per_epoch, (val,) + final)
+    val = validation_metrics(cfg)
+    if val:  # val_every: 1 reports them every epoch (ASHA can compare them); > 1 not every epoch
+        per_epoch, final = (per_epoch + val, final) if cfg.val_every == 1 else (per_epoch, val + final)
         final = final + _best_names(cfg.kind) + _test_names(cfg.kind, f"{BEST_PREFIX}/")
     return StageMetrics(per_epoch=per_epoch, final=final)
 
@@ -151,8 +173,8 @@ def check_metric(metric: str, stage: str, cfg: Any, ends: str, *, where: str = "
     logged = stage_metrics(cfg)
     if logged.when(metric) is not None:
         return None
-    selection = metric in {f"{VALIDATION_PREFIX}/{name}" for name in VALIDATION.values()} or (
-        metric.startswith(f"{BEST_PREFIX}/") and is_evaluation_metric(metric))
+    validated = {f"{VALIDATION_PREFIX}/{name}" for names in VALIDATION_REPORTS.values() for name in names}
+    selection = metric in validated or (metric.startswith(f"{BEST_PREFIX}/") and is_evaluation_metric(metric))
     if (is_evaluation_metric(metric) or selection) and cfg.kind not in VALIDATION:
         when = "when they validate" if metric.startswith(f"{VALIDATION_PREFIX}/") else "after their last epoch"
         return (f"{where}: {metric!r} is reported by fine-tuning stages {when}, but {ends} ends "

@@ -269,9 +269,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
         problems.append(f"metric: {file.metric!r} is measured on the test set: a sweep that picks hyperparameters "
                         "(or an ASHA that stops trials) by it tunes on the test set, and the test numbers stop being "
                         "an unbiased estimate. Select on validation: val/dice_2d (every epoch, for ASHA) or "
-                        "best/val/dice_2d (the best epoch's, for a whole method); val/auc, best/val/auc for "
-                        f"classification. To select on the test set knowingly, set `allow_test_metric: true` in "
-                        f"{source}")
+                        "best/val/dice_2d (the best epoch's, for a whole method); val/patient_auc, "
+                        "best/val/patient_auc (per image: val/auc) for classification. To select on the test set "
+                        f"knowingly, set `allow_test_metric: true` in {source}")
     if file.mode == "max" and file.metric.endswith("loss"):
         problems.append(f"mode: 'max' would pick the largest {file.metric}; use mode: min")
     chain: tuple[str, ...] = ()

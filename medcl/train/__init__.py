@@ -15,6 +15,7 @@ from medcl.train.metrics import (
     PooledDice,
     VolumeDice,
     classification_metrics,
+    patient_metrics,
 )
 from medcl.train.runtime import (
     autocast_context,
@@ -32,6 +33,7 @@ __all__ = [
     "classification_metrics",
     "load_checkpoint",
     "load_model_weights",
+    "patient_metrics",
     "prepare_model_for_device",
     "save_checkpoint",
     "seed_everything",

@@ -1,17 +1,21 @@
 """Model selection on the validation split: the best-validation epoch of a fine-tuning stage, and its test metrics.
 
 A fine-tuning stage with ``val_every`` > 0 evaluates its validation metric
-(:data:`medcl.config.metrics.VALIDATION`: pooled Dice ``val/dice_2d``, AUC
-``val/auc``) on rank 0 every ``val_every`` epochs and at the last epoch, and
-keeps a CPU copy of the weights of the best epoch (the earliest, on ties).
+(:data:`medcl.config.metrics.VALIDATION`: pooled Dice ``val/dice_2d``,
+patient-level AUC ``val/patient_auc``) on rank 0 every ``val_every`` epochs and
+at the last epoch, reports it with the rest of
+:data:`~medcl.config.metrics.VALIDATION_REPORTS` (the per-image ``val/auc``),
+and keeps a CPU copy of the weights of the best epoch (the earliest, on ties).
 After the last epoch it reports, next to the last epoch's ``test/*`` (and
 ``shifted/*``), the same evaluation of the best epoch's weights under
-``best/`` (``best/test/dice_2d``), with ``best/epoch`` and ``best/val/dice_2d``.
+``best/`` (``best/test/dice_2d``), with ``best/epoch`` and that epoch's
+validation values (``best/val/dice_2d``).
 
-Checkpoints carry the selection (``selection.pt``: metric, epoch, value, and
-the best weights unless they are the checkpoint's own ``model.pt``), so a
-resumed run keeps its best-so-far. A checkpoint without it (written with
-``val_every: 0``) restarts the selection at the resumed epoch, with a warning.
+Checkpoints carry the selection (``selection.pt``: metric, epoch, value, the
+best epoch's validation values, and the best weights unless they are the
+checkpoint's own ``model.pt``), so a resumed run keeps its best-so-far. A
+checkpoint without it (written with ``val_every: 0``) restarts the selection at
+the resumed epoch, with a warning.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
-from medcl.config.metrics import BEST_PREFIX, validation_metric
+from medcl.config.metrics import BEST_PREFIX, validation_metric, validation_metrics
 from medcl.train.checkpoints import _atomic_torch_save  # temp name + os.replace, as for model.pt
 
 if TYPE_CHECKING:
@@ -52,18 +56,22 @@ class BestEpoch:
         metric: The validation metric, higher is better (``val/dice_2d``).
         every: Validate every that many epochs (``val_every`` >= 1), and always at the last one.
         max_epochs: The stage's epochs.
+        also: Further names of ``validate``'s metrics to report with ``metric`` (``val/auc``).
 
     Example:
         >>> best = BestEpoch.for_stage(ctx, cfg, stage, inputs)  # doctest: +SKIP
         >>> if best.due(epoch): metrics.update(best.update(model, epoch))  # doctest: +SKIP
     """
 
-    def __init__(self, validate: Callable[[nn.Module], Metrics], metric: str, every: int, max_epochs: int) -> None:
+    def __init__(self, validate: Callable[[nn.Module], Metrics], metric: str, every: int, max_epochs: int,
+                 also: tuple[str, ...] = ()) -> None:
         if every < 1:
             raise ValueError(f"every (val_every) must be >= 1 to select a model, got {every}")
         self.validate, self.metric, self.every, self.max_epochs = validate, metric, every, max_epochs
+        self.names = (metric, *(name for name in also if name != metric))
         self.epoch: int | None = None
         self.value: float | None = None
+        self.values: Metrics = {}  # every reported validation value of the best epoch
         self.state: dict[str, torch.Tensor] | None = None
 
     @classmethod
@@ -87,7 +95,7 @@ class BestEpoch:
             return None
         prefix = metric.split("/", 1)[0]
         return cls(lambda model: stage.evaluate(model, ctx.dataset("val"), ctx.device, inputs, prefix), metric,
-                   cfg.val_every, cfg.max_epochs)
+                   cfg.val_every, cfg.max_epochs, also=validation_metrics(cfg))
 
     def due(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (0-based) validates: every ``every`` epochs, and the last."""
@@ -99,16 +107,18 @@ class BestEpoch:
         A NaN value (e.g. no foreground in the validation slices) never becomes the best.
 
         Returns:
-            ``{metric: value}``, for the epoch's report.
+            ``{metric: value}`` and the ``also`` values, for the epoch's report.
         """
-        value = float(self.validate(model)[self.metric])
+        scores = self.validate(model)
+        values = {name: float(scores[name]) for name in self.names}
+        value = values[self.metric]
         if math.isfinite(value) and (self.value is None or value > self.value):
-            self.epoch, self.value, self.state = epoch, value, _cpu_copy(model)
-        return {self.metric: value}
+            self.epoch, self.value, self.values, self.state = epoch, value, values, _cpu_copy(model)
+        return values
 
     def report(self, model: nn.Module, evaluate: Callable[[nn.Module], Metrics], last: Metrics,
                last_epoch: int) -> Metrics:
-        """``best/epoch``, ``best/<metric>`` and ``best/<name>`` of every test metric of the best weights.
+        """``best/epoch``, ``best/<metric>`` (and ``also``), ``best/<name>`` of every test metric of the best weights.
 
         Args:
             model: The unwrapped model holding the last epoch's weights (restored before returning).
@@ -132,7 +142,8 @@ class BestEpoch:
             finally:
                 model.load_state_dict(current)
         logger.info("best %s %.4f at epoch %d of %d", self.metric, self.value, self.epoch, self.max_epochs)
-        return {f"{BEST_PREFIX}/epoch": float(self.epoch), f"{BEST_PREFIX}/{self.metric}": float(self.value),
+        values = {**self.values, self.metric: float(self.value)}
+        return {f"{BEST_PREFIX}/epoch": float(self.epoch), **{f"{BEST_PREFIX}/{k}": v for k, v in values.items()},
                 **{f"{BEST_PREFIX}/{k}": v for k, v in tests.items()}}
 
     def save(self, directory: str | os.PathLike, epoch: int) -> None:
@@ -141,7 +152,7 @@ class BestEpoch:
         The best weights are stored only when they are not the checkpoint's own ``model.pt``.
         """
         own = self.epoch == epoch
-        data = {"metric": self.metric, "epoch": self.epoch, "value": self.value,
+        data = {"metric": self.metric, "epoch": self.epoch, "value": self.value, "values": self.values,
                 "state_dict": None if own or self.state is None else self.state}
         _atomic_torch_save(data, Path(directory) / SELECTION_FILE)
 
@@ -163,3 +174,5 @@ class BestEpoch:
                            data["epoch"])
             return
         self.epoch, self.value, self.state = int(data["epoch"]), float(data["value"]), state
+        # written before the also-values were kept: best/val/ then holds the selection metric only
+        self.values = {str(k): float(v) for k, v in data.get("values", {}).items()}

@@ -51,7 +51,8 @@ UNET = UNetSpec(features=(8, 16, 32, 64), norm="batch")
 RESNET = ResNetSpec(arch="resnet18", small_input=True)
 SEG_OPTIONS = {"num_patients": 16, "images_per_patient": 6, "size": 32, "num_classes": 2, "shifted_patients": 2,
                "seed": 0}
-CLS_OPTIONS = {"num_patients": 32, "images_per_patient": 2, "size": 16, "num_classes": 2, "seed": 1}
+CLS_OPTIONS = {"num_patients": 32, "images_per_patient": 2, "size": 16, "num_classes": 2, "shifted_patients": 4,
+               "seed": 1}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -123,6 +124,17 @@ def _test_rows(data: Path, site: str = "A") -> tuple[torch.Tensor, np.ndarray]:
     images = np.stack([np.asarray(v, np.float32).reshape(shape) for v in table.column("image").to_pylist()])
     masks = np.stack([np.asarray(v, np.int64).reshape(shape[1:]) for v in table.column("mask").to_pylist()])
     return torch.from_numpy(images), masks
+
+
+def _cls_rows(data: Path, site: str) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Test-split images (N, C, H, W), class labels (N,) and patient ids (N,) of one site, from the shard files."""
+    table = pads.dataset(sorted(str(p) for p in data.glob("shard-*.parquet")), format="parquet").to_table(
+        columns=["image", "image_shape", "class_label", "patient_id"],
+        filter=(pads.field("split") == "test") & (pads.field("site") == site))
+    shape = table.column("image_shape")[0].as_py()
+    images = np.stack([np.asarray(v, np.float32).reshape(shape) for v in table.column("image").to_pylist()])
+    return (torch.from_numpy(images), np.asarray(table.column("class_label").to_pylist()),
+            np.asarray(table.column("patient_id").to_pylist()))
 
 
 def _dice(pred: np.ndarray, target: np.ndarray, cls: int = 1) -> float:
@@ -409,3 +421,21 @@ def test_full_fine_tune_multiclass_changes_the_encoder(cls_chain, cls_data, ray_
     assert state["classifier.weight"].shape == (2, 512)  # normal / lesion
     assert not torch.equal(state["encoder.backbone.conv1.weight"], init["encoder.backbone.conv1.weight"])
     assert 0.0 <= out["test/accuracy"] <= 1.0 and "test/auc" in out and "test/auc_class0" not in out
+    # per image and per patient (mean of its images' lesion probabilities), in- and out-of-distribution,
+    # recomputed from the checkpoint and the shard rows; one epoch, so its weights are also the best epoch's
+    model = ResNetClassifier(ResNetEncoder("resnet18", in_channels=1, small_input=True), 2)
+    model.load_state_dict(state)
+    for prefix, site in (("test", "A"), ("shifted", "B")):
+        images, labels, patients = _cls_rows(cls_data, site)
+        with torch.no_grad():
+            scores = torch.softmax(model.eval()(images), dim=1)[:, 1].numpy()
+        rows = {p: np.flatnonzero(patients == p) for p in np.unique(patients)}
+        assert all(len(set(labels[r])) == 1 for r in rows.values())  # the label is per patient
+        means = np.array([scores[r].mean() for r in rows.values()])
+        per_patient = np.array([labels[r[0]] for r in rows.values()])
+        assert len(set(per_patient)) == 2, f"{prefix}: one class among the patients"
+        for best in ("", "best/"):
+            assert out[f"{best}{prefix}/auc"] == pytest.approx(_auc(labels, scores), abs=1e-6)
+            assert out[f"{best}{prefix}/patient_auc"] == pytest.approx(_auc(per_patient, means), abs=1e-6)
+            assert out[f"{best}{prefix}/patient_accuracy"] == pytest.approx(np.mean((means > 0.5) == per_patient))
+    assert {"val/patient_auc", "val/auc", "best/val/patient_auc", "best/val/auc"} <= set(out)
