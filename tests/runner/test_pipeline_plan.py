@@ -286,8 +286,9 @@ _SHIPPED = {  # file: (source_path under shared data or None, jobs planned, jobs
     # + 3 supervised local x 4 fractions x 3 seeds + 8 methods x 4 fractions x 3 seeds fine-tunes;
     # smoke: 5%, seed 0
     "hippocampus": ("Task04_Hippocampus", 9 + 3 + 36 + 96, 3 + 1 + 3 + 8),
-    "micle": (None, 2 * 3 + 3 * 3 * 3, 2 + 3),            # 2 pretrains x 3 seeds + 3 methods x 3 fractions x 3 seeds
-    "pneumonia": ("pneumoniamnist/pneumoniamnist.npz", 3 + 2 * 3 * 3, 1 + 2),
+    # 2 pretrains x 3 seeds + 5 methods (3 fine-tunes, 2 linear probes) x 3 fractions x 3 seeds
+    "micle": (None, 2 * 3 + 5 * 3 * 3, 2 + 5),
+    "pneumonia": ("pneumoniamnist/pneumoniamnist.npz", 3 + 3 * 3 * 3, 1 + 3),  # + the SimCLR linear probe
 }
 
 
