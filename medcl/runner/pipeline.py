@@ -10,6 +10,8 @@ found again by its job key. Starting it with more jobs (``--methods`` with a
 method added, more seeds or fractions) extends it: the new jobs run as waves of
 their own (``wave<depth>-ext<k>``, :func:`~medcl.runner.plan.job_groups`) after
 the old ones are read back, under the same parent run, into the same curve.
+After each wave ``<storage_path>/<name>/checkpoints.json`` maps every finished job
+to its checkpoint, and each job's MLflow run carries it as tag ``medcl.checkpoint``.
 
 Example:
     >>> result = run_pipeline(load_pipeline("pipelines/quickstart.yaml"))  # doctest: +SKIP
@@ -33,7 +35,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PipelineResult", "run_pipeline"]
+__all__ = ["PipelineResult", "run_pipeline", "CHECKPOINTS_FILE", "CHECKPOINT_TAG"]
+
+CHECKPOINTS_FILE = "checkpoints.json"  # <storage_path>/<name>/checkpoints.json: job key -> checkpoint
+CHECKPOINT_TAG = "medcl.checkpoint"    # on each job's MLflow run: its checkpoint
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,24 @@ def _run_wave(cfg: PipelineConfig, depth: int, wave: list[Job], jobs: dict[str, 
     return out
 
 
+def _record_checkpoints(target: Any, parent: str, root: str, checkpoints: dict[str, str | None],
+                        finished: list[str]) -> None:
+    """Write ``<root>/checkpoints.json`` (job key -> checkpoint) and tag the ``finished`` jobs' MLflow runs with theirs.
+
+    Written after every wave, so an interrupted run lists what it has; the tag
+    (``medcl.checkpoint``) leads from a run in the MLflow UI to its weights.
+    """
+    from medcl import tracking as mlt
+    from medcl.storage import write_json
+
+    write_json(root, CHECKPOINTS_FILE, {key: path for key, path in sorted(checkpoints.items())})
+    children = mlt.search_runs(target, parent_run_id=parent)
+    run_ids = dict(zip(children["run_name"], children["run_id"])) if len(children) else {}
+    for key in finished:
+        if checkpoints.get(key) and key in run_ids:
+            mlt.RunLogger(target, run_ids[key]).set_tags({CHECKPOINT_TAG: checkpoints[key]})
+
+
 def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbacks: list | None = None,
                  report: bool = True) -> PipelineResult:
     """Run every job of ``cfg`` (Ray must be initialised), then write the label-efficiency report.
@@ -238,6 +261,7 @@ def _run_pipeline(cfg: PipelineConfig, *, config_text: str | None, callbacks: li
             for key, result in results.items():
                 checkpoints[key] = handover_path(result.checkpoint)
                 metrics[key] = dict(result.metrics or {})
+            _record_checkpoints(target, parent, root, checkpoints, list(results))
     out = PipelineResult(parent_run_id=parent, tracking_uri=target.tracking_uri, checkpoints=checkpoints, metrics=metrics)
     if report:
         from medcl.report import write_report

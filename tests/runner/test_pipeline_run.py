@@ -117,6 +117,11 @@ def test_pipeline_runs_reports_resumes_and_refuses_a_changed_plan(ray_session, t
         ("random", 0.5), ("random", 1.0), ("global+local", 0.5), ("global+local", 1.0)}
     assert Path(first.png_path).stat().st_size > 0
     assert set(first.checkpoints) == expected
+    # Every job's checkpoint is listed in checkpoints.json and tagged on its MLflow run.
+    listed = json.loads((tmp_path / "runs" / "tiny-run" / "checkpoints.json").read_text())
+    assert listed == first.checkpoints and all(Path(path).is_dir() for path in listed.values())
+    tagged = mlt.search_runs(target, parent_run_id=first.parent_run_id)
+    assert dict(zip(tagged["run_name"], tagged["tags.medcl.checkpoint"])) == listed
 
     # `medcl report` reads the same runs back from MLflow and prints the same table.
     from medcl.cli import main
