@@ -51,7 +51,9 @@ def test_every_ingest_option_has_help_beyond_its_default(kind, capsys):
 def test_msd_axis_help_comes_from_the_docstring(capsys):
     code, out, _ = _run(["ingest", "msd", "--help"], capsys)
     assert code == 0
-    assert "Spatial axis (0, 1, 2 or -1..-3) the volumes are sliced along. (default: -1)" in _option_help(out, "--axis")
+    assert ('Slice axis of the volumes after reorientation to the closest canonical orientation (RAS): "axial" '
+            '(S, canonical axis 2), "coronal" (A, 1), "sagittal" (R, 0), or an index 0, 1, 2 / -1..-3 of the '
+            "canonical array. (default: 'axial')") in _option_help(out, "--axis")
 
 
 def test_ingest_list_option_accepts_comma_separated_values(tmp_path, capsys):

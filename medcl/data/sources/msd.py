@@ -2,14 +2,23 @@
 
 Layout read: ``dataset.json`` (``labels``, ``modality``, ``training`` pairs),
 ``imagesTr/*.nii.gz`` and ``labelsTr/*.nii.gz`` (NIfTI, via nibabel). Each
-volume is cut into 2D slices along ``axis`` (default the last, ``-1``: the
-axis the hippocampus protocol's reference preprocessing stacks slices along);
-slices are resized to ``size x size`` (images bilinear with antialiasing,
-labels nearest-exact, so no new label values appear); intensities are
-normalised per volume and per channel *before* resizing (default: clip to the
-0.5th-99.5th percentile, scale to [0, 1]). A 4D image (X, Y, Z, M) becomes M
-channels. ``patient_id`` = ``volume_id`` = case name (``hippocampus_001``).
-The files ``dataset.json`` lists must lie inside the task folder, symlinks
+image and label is first flipped/transposed (no resampling) to the closest
+canonical orientation, RAS+ (:mod:`~medcl.data.sources.orientation`), so that
+array axes 0, 1, 2 point Right, Anterior, Superior whatever the file's affine;
+an image and its label must have the same affine (within ``1e-3``). Each volume
+is then cut into 2D slices along ``axis`` (default ``"axial"``: the S axis,
+canonical axis 2; ``"coronal"`` = A = 1, ``"sagittal"`` = R = 0; an int
+indexes the canonical array); a slice keeps the other two canonical axes in
+order (an axial slice is (R, A)). Slices are resized to ``size x size``
+(images bilinear with antialiasing, labels nearest-exact, so no new label
+values appear); intensities are normalised per volume and per channel *before*
+resizing (default: clip to the 0.5th-99.5th percentile, scale to [0, 1]). A 4D
+image (X, Y, Z, M) becomes M channels. ``patient_id`` = ``volume_id`` = case
+name (``hippocampus_001``). The manifest's extras record the slice axis (index
+and name), the canonical orientation and, per volume, the file's axis codes,
+shape, voxel spacing and affine (:meth:`OrientationInfo.to_dict`), which is
+what writing a prediction back in the input's own orientation needs. The
+files ``dataset.json`` lists must lie inside the task folder, symlinks
 resolved, unless ``allow_outside_paths`` is set.
 """
 from __future__ import annotations
@@ -37,6 +46,7 @@ from medcl.data.sources.common import (
     run_ingest,
     source_file,
 )
+from medcl.data.sources.orientation import CANONICAL, OrientationInfo, canonical_array, orientation_of, slice_axis
 from medcl.data.splits import check_split_ratios, split_patients
 
 __all__ = ["ingest_msd"]
@@ -44,6 +54,9 @@ __all__ = ["ingest_msd"]
 logger = logging.getLogger(__name__)
 
 _NII = (".nii.gz", ".nii")
+
+#: Largest absolute difference allowed between an image's affine and its label's.
+AFFINE_TOLERANCE = 1e-3
 
 
 def _case_name(path: Path) -> str:
@@ -104,21 +117,43 @@ def _pair_cases(root: Path, training: list[tuple[Path, Path]]) -> list[tuple[str
     return [(c, *cases[c]) for c in sorted(cases)]
 
 
-def _load(path: Path, what: str) -> np.ndarray:
+def _load(path: Path, what: str) -> tuple[np.ndarray, OrientationInfo]:
+    """A NIfTI file's data in the canonical orientation, and its orientation."""
     import nibabel as nib
 
     try:
-        return np.asarray(nib.load(str(path)).dataobj)
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
     except Exception as e:  # nibabel raises many types on corrupt/truncated files
         raise IngestError(f"{path}: cannot read NIfTI {what} ({type(e).__name__}: {e})") from e
+    try:
+        info = orientation_of(img)
+    except ValueError as e:
+        raise IngestError(f"{path}: NIfTI {what} with no usable orientation ({e})") from e
+    return canonical_array(data, info), info
+
+
+def _check_pair(img_path: Path, img_info: OrientationInfo, lab_path: Path, lab_info: OrientationInfo) -> None:
+    """Refuse a label whose affine differs from its image's (they would not overlay)."""
+    diff = float(np.abs(np.subtract(img_info.affine, lab_info.affine)).max())
+    if diff > AFFINE_TOLERANCE:
+        raise IngestError(
+            f"{lab_path}: label affine differs from the affine of image {img_path} by up to {diff:.3g} "
+            f"(tolerance {AFFINE_TOLERANCE}): label {''.join(lab_info.codes)} spacing {list(lab_info.spacing)}, "
+            f"image {''.join(img_info.codes)} spacing {list(img_info.spacing)}; the label must be stored on "
+            "the image's voxel grid")
 
 
 def _volume_block(case: str, img_path: Path, lab_path: Path, root: Path, split: str, *, labels: dict[int, str],
                   channels: int, axis: int, size: int, normalisation: str,
-                  min_fg: int) -> tuple[ImageBlock | None, int]:
-    """Slices of one case (None if ``min_fg`` drops all of them) and the volume's slice count."""
-    img = _load(img_path, "image")
-    lab = _load(lab_path, "label")
+                  min_fg: int) -> tuple[ImageBlock | None, int, OrientationInfo]:
+    """Slices of one case (None if ``min_fg`` drops all of them), the volume's slice count and orientation.
+
+    ``axis`` indexes the canonical (RAS) array.
+    """
+    img, info = _load(img_path, "image")
+    lab, lab_info = _load(lab_path, "label")
+    _check_pair(img_path, info, lab_path, lab_info)
     if img.ndim == 3:
         img = img[..., None]
     if img.ndim != 4 or img.shape[-1] != channels:
@@ -126,7 +161,7 @@ def _volume_block(case: str, img_path: Path, lab_path: Path, root: Path, split: 
                           "modalities (dataset.json 'modality')")
     if lab.ndim != 3 or lab.shape != img.shape[:3]:
         raise IngestError(f"{lab_path}: label shape {list(lab.shape)} differs from image shape "
-                          f"{list(img.shape[:3])} of {img_path}")
+                          f"{list(img.shape[:3])} of {img_path} (both in the canonical RAS orientation)")
     img = img.astype(np.float32)
     if not np.isfinite(img).all():
         raise IngestError(f"{img_path}: {int((~np.isfinite(img)).sum())} NaN/inf intensities")
@@ -142,11 +177,11 @@ def _volume_block(case: str, img_path: Path, lab_path: Path, root: Path, split: 
     if min_fg > 0:
         keep = np.flatnonzero((masks > 0).sum(axis=(1, 2)) >= min_fg)
         if keep.size == 0:
-            return None, n
+            return None, n, info
     source = img_path.relative_to(root).as_posix() if img_path.is_relative_to(root) else str(img_path)
     block = ImageBlock(images=resize_images(slices[keep], size), masks=masks[keep], patient_id=case, volume_id=case,
                        split=split, source_path=source, slice_index=keep, slice_position=keep / n)
-    return block, n
+    return block, n, info
 
 
 def ingest_msd(
@@ -154,7 +189,7 @@ def ingest_msd(
     out_dir: str | os.PathLike,
     *,
     size: int = 64,
-    axis: int = -1,
+    axis: int | str = "axial",
     normalisation: str = "percentile",
     min_foreground_pixels: int = 0,
     split_ratios: Sequence[float] = (0.5, 0.25, 0.25),
@@ -169,7 +204,9 @@ def ingest_msd(
         source_dir: The task folder, e.g. ``Task04_Hippocampus``.
         out_dir: Dataset directory to create or replace.
         size: Slices are resized to ``size x size``.
-        axis: Spatial axis (0, 1, 2 or -1..-3) the volumes are sliced along.
+        axis: Slice axis of the volumes after reorientation to the closest canonical
+            orientation (RAS): "axial" (S, canonical axis 2), "coronal" (A, 1), "sagittal"
+            (R, 0), or an index 0, 1, 2 / -1..-3 of the canonical array.
         normalisation: Per-volume, per-channel intensity normalisation: "percentile"
             (clip to the 0.5th-99.5th percentile, scale to [0, 1]), "minmax" or "zscore"
             (:data:`~medcl.data.sources.common.NORMALISATIONS`).
@@ -184,18 +221,24 @@ def ingest_msd(
 
     Returns:
         The manifest: task "segmentation", ``label_map`` from dataset.json,
-        extras ``dataset_name``, ``modalities``, ``axis``, ``slices_dropped``.
+        extras ``dataset_name``, ``modalities``, ``axis`` (canonical index), ``axis_name``,
+        ``orientation`` ("RAS", the canonical orientation sliced), ``slices_dropped`` and
+        ``volumes`` (volume id -> :meth:`OrientationInfo.to_dict` of its image file: axis
+        codes, shape, spacing, affine).
 
     Raises:
         IngestError: missing or unpaired files, a file outside the task folder, corrupt
-            NIfTI, image/label shape mismatch, label values outside dataset.json, NaN/inf,
-            bad option.
+            NIfTI, an affine with no orientation, image/label affine or shape mismatch, label
+            values outside dataset.json, NaN/inf, bad option.
     """
     root = Path(source_dir).absolute()
     if not root.is_dir():
         raise IngestError(f"source_dir={str(source_dir)!r} is not a directory")
     size = check_int("size", size, 1, 4096)
-    axis = check_int("axis", axis, -3, 2) % 3
+    try:
+        axis, axis_name = slice_axis(axis)
+    except ValueError as e:
+        raise IngestError(str(e)) from e
     check_choice("normalisation", normalisation, NORMALISATIONS)
     min_fg = check_int("min_foreground_pixels", min_foreground_pixels, 0)
     allow_outside = check_bool("allow_outside_paths", allow_outside_paths)
@@ -209,18 +252,23 @@ def ingest_msd(
     except ValueError as e:
         raise IngestError(str(e)) from e
     labels, channels = meta["labels"], len(meta["modality"])
+    # "orientation" is no option: it marks datasets sliced after reorientation, so older ones are rebuilt.
     options = {"size": size, "axis": axis, "normalisation": normalisation, "min_foreground_pixels": min_fg,
-               "split_ratios": list(ratios), "split_seed": split_seed, "rows_per_shard": rows_per_shard}
+               "split_ratios": list(ratios), "split_seed": split_seed, "rows_per_shard": rows_per_shard,
+               "orientation": "".join(CANONICAL)}
     files = [root / "dataset.json"] + [p for _, i, la in cases for p in (i, la)]
-    extras = {"dataset_name": meta["name"], "modalities": meta["modality"], "axis": axis, "slices_dropped": 0}
+    extras = {"dataset_name": meta["name"], "modalities": meta["modality"], "axis": axis, "axis_name": axis_name,
+              "orientation": "".join(CANONICAL), "slices_dropped": 0,
+              "volumes": dict.fromkeys(c for c, _, _ in cases)}  # filled in as read, listed by case name
     order = sorted(cases, key=lambda c: (SPLITS.index(assignment[c[0]]), c[0]))
 
     def blocks() -> Iterator[ImageBlock]:
         for case, img, lab in order:
-            block, n_slices = _volume_block(case, img, lab, root, assignment[case], labels=labels,
-                                            channels=channels, axis=axis, size=size,
-                                            normalisation=normalisation, min_fg=min_fg)
+            block, n_slices, info = _volume_block(case, img, lab, root, assignment[case], labels=labels,
+                                                  channels=channels, axis=axis, size=size,
+                                                  normalisation=normalisation, min_fg=min_fg)
             extras["slices_dropped"] += n_slices - (0 if block is None else len(block))
+            extras["volumes"][case] = info.to_dict()
             if block is not None:
                 yield block
 
