@@ -20,6 +20,7 @@ from medcl.config.metrics import WEIGHT_CHANGE
 from medcl.train.batches import epoch_batches, steps_per_epoch
 from medcl.train.checkpoints import load_checkpoint, load_model_weights, save_checkpoint
 from medcl.train.context import StageContext, temporary_checkpoint_dir
+from medcl.train.final_evaluation import BEST_FIGURES, FIGURES, final_evaluation
 from medcl.train.runtime import autocast_context, prepare_model_for_device, seed_everything, unwrap
 from medcl.train.schedule import stage_schedule
 from medcl.train.selection import BestEpoch
@@ -106,16 +107,14 @@ def run_loop(ctx: StageContext, cfg: Any, inputs: StageInputs) -> dict[str, floa
         stream["next"] = epoch + 1
         return islice(stream["batches"], inputs.steps_per_epoch)
 
-    evaluate = None
-    if stage.evaluate is not None:
-        def evaluate(model: torch.nn.Module) -> dict[str, float]:
-            metrics = stage.evaluate(model, ctx.dataset("test"), ctx.device, inputs, "test")
-            if ctx.has_dataset("test_shifted"):
-                metrics.update(stage.evaluate(model, ctx.dataset("test_shifted"), ctx.device, inputs, "shifted"))
-            return metrics
+    run_logger = rank_zero_logger(ctx, inputs)
+    evaluate = best_evaluate = None
+    if stage.evaluate is not None:  # test (and shifted); their figures go to the run (medcl.train.final_evaluation)
+        evaluate = final_evaluation(stage, ctx, inputs, run_logger, FIGURES)
+        best_evaluate = final_evaluation(stage, ctx, inputs, run_logger, BEST_FIGURES)
 
-    return fit(ctx, cfg, net, optimizer, scheduler, batches, loss_fn, evaluate=evaluate,
-               run_logger=rank_zero_logger(ctx, inputs), amp=inputs.amp, weight_change=weight_change,
+    return fit(ctx, cfg, net, optimizer, scheduler, batches, loss_fn, evaluate=evaluate, best_evaluate=best_evaluate,
+               run_logger=run_logger, amp=inputs.amp, weight_change=weight_change,
                selection=BestEpoch.for_stage(ctx, cfg, stage, inputs))
 
 
@@ -207,6 +206,7 @@ def fit(
     loss_fn: LossFn,
     *,
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    best_evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     run_logger: Any = None,
     amp: bool = False,
     weight_change: Callable[[torch.nn.Module], dict[str, float]] | None = None,
@@ -223,6 +223,8 @@ def fit(
             ``batch_images`` counts images for throughput.
         evaluate: Run on rank 0 after the last epoch with the unwrapped model;
             its metrics join the last report.
+        best_evaluate: The same evaluation for the best validation epoch's weights, which
+            ``selection`` runs (default ``evaluate``; run_loop's logs its figures under ``figures/best/``).
         run_logger: Rank-0 metrics logger (``log_metrics(dict, step)``) or None.
         amp: bf16 autocast (only takes effect on CUDA).
         weight_change: ``weight_change(unwrapped model)`` -> metrics added to every epoch's report
@@ -264,7 +266,7 @@ def fit(
             tests = evaluate(unwrap(model))
             metrics.update(tests)
             if selection is not None:
-                metrics.update(selection.report(unwrap(model), evaluate, tests, epoch))
+                metrics.update(selection.report(unwrap(model), best_evaluate or evaluate, tests, epoch))
         # Logged before the report: Tune may stop a trial inside ``report`` (ASHA, an
         # interruption), and the epoch must be in MLflow by then. An epoch lost to a crash
         # before its checkpoint runs again on resume and logs a second point at its step.
@@ -283,7 +285,7 @@ def fit(
         tests = evaluate(unwrap(model))
         metrics = {"epoch": float(cfg.max_epochs - 1), **tests}
         if selection is not None:
-            metrics.update(selection.report(unwrap(model), evaluate, tests, cfg.max_epochs - 1))
+            metrics.update(selection.report(unwrap(model), best_evaluate or evaluate, tests, cfg.max_epochs - 1))
     return metrics
 
 

@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Stage", "UNetStage", "ResNetStage", "build_encoder", "evaluation_streams"]
 
-#: ``evaluate(model, stream, device, inputs, prefix) -> {f"{prefix}/...": value}``
+#: ``evaluate(model, stream, device, inputs, prefix, figure=None) -> {f"{prefix}/...": value}``; with ``figure``
+#: (a path) it also writes its figure there from the same pass (:mod:`medcl.train.figures`).
 Evaluate = Callable[[nn.Module, Any, torch.device, "StageInputs", str], "dict[str, float]"]
 
 
@@ -47,11 +48,15 @@ class Stage(Protocol):
             model), or None for a stage that does not evaluate. The loop runs it on
             ``"test"`` (prefix ``test``) and, when present, ``"test_shifted"``
             (prefix ``shifted``).
+        figure: File name of the figure ``evaluate`` draws, ``{prefix}`` standing for the
+            stream's prefix (``"{prefix}_panel.png"``), or None. Logged to the stage's
+            MLflow run under ``figures/`` (:mod:`medcl.train.final_evaluation`).
     """
 
     kind: str
     init_parts: tuple[str, ...]
     evaluate: Evaluate | None
+    figure: str | None
 
     def datasets(self, cfg: Any, dataset_dir: str) -> dict[str, StreamSpec]:
         """The streams this stage reads, by name (driver side); ``"train"`` is split across workers."""
@@ -89,6 +94,7 @@ class Stage(Protocol):
 
 class _StageDefaults:
     evaluate: Evaluate | None = None
+    figure: str | None = None
 
     def collate(self, ctx: StageContext, cfg: Any, epoch: int) -> Any | None:
         return None

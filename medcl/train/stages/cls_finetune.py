@@ -3,10 +3,12 @@
 Multi-class targets use softmax cross-entropy, multi-label targets sigmoid
 binary cross-entropy. After the last epoch: top-1 and AUC on the test split,
 and on the shifted site (evaluated without further fine-tuning) when the
-dataset has one.
+dataset has one; a tracked run also gets their ROC curves,
+``figures/roc_test.png`` (:func:`medcl.train.figures.roc_figure`).
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +33,7 @@ class ClsFinetune(ResNetStage):
     """ResNet encoder + linear classifier; accuracy and AUC on the test images after the last epoch."""
 
     kind = "cls_finetune"
+    figure = "roc_{prefix}.png"
 
     def datasets(self, cfg: ClsFinetuneConfig, dataset_dir: str) -> dict[str, StreamSpec]:
         train = StreamSpec.of("labelled_images", dataset_dir, fraction=cfg.label_fraction, seed=cfg.seed)
@@ -64,8 +67,8 @@ class ClsFinetune(ResNetStage):
         return loss_fn
 
     def evaluate(self, model: nn.Module, stream: Any, device: torch.device, inputs: StageInputs,
-                 prefix: str) -> dict[str, float]:
-        return evaluate_classification(model, stream, device, inputs.multilabel, prefix=prefix)
+                 prefix: str, figure: str | os.PathLike[str] | None = None) -> dict[str, float]:
+        return evaluate_classification(model, stream, device, inputs.multilabel, prefix=prefix, roc=figure)
 
 
 CLS_FINETUNE = ClsFinetune()

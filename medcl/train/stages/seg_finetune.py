@@ -2,7 +2,9 @@
 
 Starts from random init, or from a global (encoder) or local (encoder +
 decoder) pretraining checkpoint. Evaluates Dice on the test split (and the
-shifted site, when the dataset has one) after the last epoch.
+shifted site, when the dataset has one) after the last epoch; a tracked run
+also gets a panel of test slices, ``figures/test_panel.png``
+(:func:`medcl.train.figures.segmentation_panel`).
 
 Before training, :meth:`SegFinetune.prepare` starts the segmentation head at
 the class prior of the slices the run trains on (bias ``log p_k``, weights
@@ -10,6 +12,7 @@ the class prior of the slices the run trains on (bias ``log p_k``, weights
 """
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -58,6 +61,7 @@ class SegFinetune(UNetStage):
     output = "logits"
     # A global checkpoint has only the encoder; a local one the encoder and decoder.
     init_parts = ("encoder", "decoder")
+    figure = "{prefix}_panel.png"
 
     def datasets(self, cfg: SegFinetuneConfig, dataset_dir: str) -> dict[str, StreamSpec]:
         """Labelled training slices, test slices."""
@@ -95,8 +99,8 @@ class SegFinetune(UNetStage):
         return loss_fn
 
     def evaluate(self, model: nn.Module, stream: Any, device: torch.device, inputs: StageInputs,
-                 prefix: str) -> dict[str, float]:
-        return evaluate_segmentation(model, stream, inputs.num_classes, device, prefix=prefix)
+                 prefix: str, figure: str | os.PathLike[str] | None = None) -> dict[str, float]:
+        return evaluate_segmentation(model, stream, inputs.num_classes, device, prefix=prefix, panel=figure)
 
 
 SEG_FINETUNE = SegFinetune()
