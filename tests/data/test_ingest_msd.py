@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import nibabel as nib
@@ -30,17 +29,9 @@ def hippo(shared_data):
 @pytest.fixture(scope="module")
 def subset(hippo, tmp_path_factory):
     """A Decathlon folder listing 5 real cases, files copied (a symlink out of the folder is refused)."""
-    root = tmp_path_factory.mktemp("msd") / "Task04_subset"
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    meta = json.loads((hippo / "dataset.json").read_text())
-    meta["training"] = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in CASES]
-    meta["numTraining"] = len(CASES)
-    (root / "dataset.json").write_text(json.dumps(meta))
-    for c in CASES:
-        for d in ("imagesTr", "labelsTr"):
-            shutil.copyfile(hippo / d / f"{c}.nii.gz", root / d / f"{c}.nii.gz")
-    return root
+    from msd_subset import copy_msd_subset
+
+    return copy_msd_subset(hippo, tmp_path_factory.mktemp("msd") / "Task04_subset", CASES)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -155,14 +154,9 @@ def test_real_hippocampus_pixels_unchanged(shared_data, tmp_path):
     hippo = shared_data / "Task04_Hippocampus"
     if not (hippo / "dataset.json").is_file():
         pytest.skip(f"{hippo} not found")
-    root = tmp_path / "Task04_subset"
-    meta = json.loads((hippo / "dataset.json").read_text())
-    meta["training"] = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in HIPPO_CASES]
-    for d in ("imagesTr", "labelsTr"):
-        (root / d).mkdir(parents=True)
-        for c in HIPPO_CASES:
-            shutil.copyfile(hippo / d / f"{c}.nii.gz", root / d / f"{c}.nii.gz")
-    (root / "dataset.json").write_text(json.dumps(meta))
+    from msd_subset import copy_msd_subset
+
+    root = copy_msd_subset(hippo, tmp_path / "Task04_subset", HIPPO_CASES)
     m = ingest("msd", root, tmp_path / "out", {"size": 64})
     for case in HIPPO_CASES:
         # before: the file's array as stored, sliced along its last axis, normalised and resized as the ingest does

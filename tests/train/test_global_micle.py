@@ -189,8 +189,6 @@ def test_short_micle_run_counts_patients_cycles_and_caps_its_epochs(data, bag_st
 
 def test_hippocampus_ingest_gives_micle_a_bag_of_slices_per_volume(shared_data, tmp_path):
     """Real Task04_Hippocampus cases: one bag per volume holding all its slices; pairs are two of them."""
-    import json
-
     import pyarrow.parquet as pq
 
     from medcl.data.ingest import ingest
@@ -199,14 +197,9 @@ def test_hippocampus_ingest_gives_micle_a_bag_of_slices_per_volume(shared_data, 
     if not (hippo / "dataset.json").is_file():
         pytest.skip(f"{hippo} not found")
     cases = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006"]
-    root = tmp_path / "Task04_subset"
-    meta = json.loads((hippo / "dataset.json").read_text())
-    meta["training"] = [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in cases]
-    for d in ("imagesTr", "labelsTr"):
-        (root / d).mkdir(parents=True)
-        for c in cases:
-            shutil.copyfile(hippo / d / f"{c}.nii.gz", root / d / f"{c}.nii.gz")
-    (root / "dataset.json").write_text(json.dumps(meta))
+    from msd_subset import copy_msd_subset
+
+    root = copy_msd_subset(hippo, tmp_path / "Task04_subset", cases)
     manifest = ingest("msd", root, tmp_path / "hippo", {"size": 32})
     rows = pq.read_table(tmp_path / "hippo" / "bags.parquet").to_pylist()
     assert sorted(r["patient_id"] for r in rows) == cases
