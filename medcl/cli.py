@@ -1,6 +1,6 @@
 """``medcl`` command line: parse, call one library function per verb, print.
 
-Verbs: ingest, pretrain, finetune, run, sweep, report, validate.
+Verbs: ingest, pretrain, finetune, run, sweep, report, validate, export (:mod:`medcl.cli_export`).
 Errors in user input exit with status 2 and one message naming the file, key or value; runtime
 failures (an unreachable MLflow server, a failed wave, a full disk, a NaN loss) with status 1 and one
 message; ``--verbose`` adds the traceback. An interruption exits with 130.
@@ -341,6 +341,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from medcl import __version__
+    from medcl.cli_export import add_parser as _export_parser
 
     parser = argparse.ArgumentParser(
         prog="medcl",
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_parser(sub)
     _report_parser(sub)
     _validate_parser(sub)
+    _export_parser(sub, _add_common)
     return parser
 
 

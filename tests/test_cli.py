@@ -13,7 +13,7 @@ from medcl.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "pipelines" / "quickstart.yaml"
-VERBS = ("ingest", "pretrain", "finetune", "run", "sweep", "report", "validate")
+VERBS = ("ingest", "pretrain", "finetune", "run", "sweep", "report", "validate", "export")
 
 
 def _run(argv, capsys) -> tuple[int, str, str]:
