@@ -1,14 +1,17 @@
 """Stage 3: segmentation fine-tuning (cross-entropy + soft Dice) on the labelled fraction.
 
 Starts from random init, or from a global (encoder) or local (encoder +
-decoder) pretraining checkpoint. Evaluates Dice on the test split (and the
-shifted site, when the dataset has one) after the last epoch; a tracked run
-also gets a panel of test slices, ``figures/test_panel.png``
+decoder) pretraining checkpoint. Validates pooled Dice every ``val_every``
+epochs and keeps the best epoch's weights (:mod:`medcl.train.selection`);
+evaluates Dice on the test split (and the shifted site, when the dataset has
+one) after the last epoch, for the last and the best-validation weights; a
+tracked run also gets a panel of test slices, ``figures/test_panel.png``
 (:func:`medcl.train.figures.segmentation_panel`).
 
-Before training, :meth:`SegFinetune.prepare` starts the segmentation head at
-the class prior of the slices the run trains on (bias ``log p_k``, weights
-``N(0, 1e-3²)``): the first loss is the prior's, whatever the seed.
+Before training, :meth:`SegFinetune.prepare` sets the segmentation head's bias
+to the log class prior of the slices the run trains on (``log p_k``; the
+weights keep their default init): the first loss is near the prior's, whatever
+the seed.
 """
 from __future__ import annotations
 
