@@ -179,8 +179,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from medcl.config.pipeline import load_pipeline, with_scaling
-    from medcl.runner.pipeline import run_pipeline
-    from medcl.runner.plan import check_resumable, plan_jobs
+    from medcl.runner.pipeline import jobs_left, run_pipeline
+    from medcl.runner.plan import check_resumable
     from medcl.runner.progress import ProgressCallback
     from medcl.runner.session import init_ray
 
@@ -188,7 +188,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = with_scaling(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu)
     check_resumable(cfg)
     init_ray(args.address, verbose=args.verbose)
-    progress = ProgressCallback(quiet=args.quiet, total=len(plan_jobs(cfg)))
+    progress = ProgressCallback(quiet=args.quiet, total=jobs_left(cfg))  # a resumed run counts what is left
     result = run_pipeline(cfg, config_text=Path(args.pipeline).read_text(), callbacks=[progress])
     _print_result(result, cfg.metric)
     return 0

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PipelineResult", "run_pipeline", "CHECKPOINTS_FILE", "CHECKPOINT_TAG"]
+__all__ = ["PipelineResult", "run_pipeline", "jobs_left", "CHECKPOINTS_FILE", "CHECKPOINT_TAG"]
 
 CHECKPOINTS_FILE = "checkpoints.json"  # <storage_path>/<name>/checkpoints.json: job key -> checkpoint
 CHECKPOINT_TAG = "medcl.checkpoint"    # on each job's MLflow run: its checkpoint
@@ -153,6 +153,14 @@ def _run_wave(cfg: PipelineConfig, depth: int, wave: list[Job], jobs: dict[str, 
         raise RuntimeError(f"{len(errors)} job(s) of wave {depth} failed (re-run the same command to resume):\n  "
                            + "\n  ".join(errors))
     return out
+
+
+def jobs_left(cfg: PipelineConfig) -> int:
+    """How many planned jobs have not finished: the plan less those ``checkpoints.json`` lists (progress totals)."""
+    from medcl.storage import read_json
+
+    finished = read_json(run_root(cfg.storage_path, cfg.name), CHECKPOINTS_FILE) or {}
+    return sum(job.key not in finished for job in plan_jobs(cfg))
 
 
 def _record_checkpoints(target: Any, parent: str, root: str, checkpoints: dict[str, str | None],

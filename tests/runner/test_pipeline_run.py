@@ -170,3 +170,15 @@ def test_pipeline_runs_reports_resumes_and_refuses_a_changed_plan(ray_session, t
     assert plan["groups"][1] == sorted(new)
     assert (tmp_path / "runs" / "tiny-run" / "wave1-ext1").is_dir()
     assert not (tmp_path / "runs" / "tiny-run" / "wave0-ext1").exists()  # no new job at depth 0
+
+
+def test_progress_counts_only_the_jobs_left_of_a_resumed_or_extended_run(tmp_path):
+    from medcl.runner.pipeline import jobs_left
+
+    cfg = load_pipeline(_pipeline_file(tmp_path))  # 3 methods x 2 fractions: 1 global, 2 local, 6 fine-tunes
+    assert jobs_left(cfg) == 9
+    run = tmp_path / "runs" / "tiny-run"
+    run.mkdir(parents=True)
+    (run / "checkpoints.json").write_text(json.dumps({"global@seed=0": "/x", "finetune@seed=0,fraction=1": "/y",
+                                                      "gone@seed=0": None}))
+    assert jobs_left(cfg) == 7
