@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,7 @@ from medcl.runner.ray_shims import use_callbacks_after_restore, use_scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrialPlacement", "TrialStates", "open_tuner", "trial_placement"]
+__all__ = ["TrialPlacement", "TrialStates", "open_tuner", "trial_dirname", "trial_placement"]
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,23 @@ def trial_placement(scaling: ScalingSpec, *, cpu: float, gpu: float, fractional_
                           scaling=dataclasses.replace(scaling, cpus_per_worker=cpu, use_gpu=gpu > 0))
 
 
-def _trial_dirname(trial: Any) -> str:
-    return trial.trial_id
+_UNSAFE = re.compile(r"[^A-Za-z0-9@=,._-]")
+
+
+def trial_dirname(trial: Any) -> str:
+    """A trial's directory name: its pipeline job key, or its trial id for a sweep's trial.
+
+    ``global>finetune@seed=0,fraction=0.01`` becomes ``global+finetune@seed=0,fraction=0.01``. A key
+    with other characters outside ``[A-Za-z0-9@=,._-]`` (or a ``+`` of its own) is made safe with
+    ``_`` and suffixed with the trial id, so names stay unique (job keys are unique within a wave).
+    """
+    job = (getattr(trial, "config", None) or {}).get("job")
+    if not isinstance(job, str) or not job:
+        return trial.trial_id
+    stages = job.split(">")
+    if any(_UNSAFE.search(part) for part in stages) or len(job) > 200:
+        return "+".join(_UNSAFE.sub("_", part) for part in stages)[:200] + "-" + trial.trial_id
+    return "+".join(stages)
 
 
 def open_tuner(trainable: Any, storage: str, name: str, *, param_space: dict[str, Any], tune_options: dict[str, Any],
@@ -75,7 +91,8 @@ def open_tuner(trainable: Any, storage: str, name: str, *, param_space: dict[str
                restore_callbacks: bool = True, scheduler: Any = None) -> Any:
     """Restore the Tune experiment ``<storage>/<name>`` when it exists, else start it.
 
-    Trials are named by their trial id (their directory too); Tune reuses actors and stays quiet.
+    A pipeline's trial directories are named by job key (:func:`trial_dirname`), a sweep's by trial id;
+    Tune reuses actors and stays quiet.
 
     Args:
         trainable: The (``with_parameters``/``with_resources`` wrapped) function trainable; a restore
@@ -114,7 +131,7 @@ def open_tuner(trainable: Any, storage: str, name: str, *, param_space: dict[str
     tuner = tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=_trial_dirname,
+        tune_config=tune.TuneConfig(reuse_actors=True, trial_dirname_creator=trial_dirname,
                                     **tune_options),
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=list(callbacks),
                                   failure_config=tune.FailureConfig(max_failures=max_failures),

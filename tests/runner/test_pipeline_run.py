@@ -120,6 +120,8 @@ def test_pipeline_runs_reports_resumes_and_refuses_a_changed_plan(ray_session, t
     # Every job's checkpoint is listed in checkpoints.json and tagged on its MLflow run.
     listed = json.loads((tmp_path / "runs" / "tiny-run" / "checkpoints.json").read_text())
     assert listed == first.checkpoints and all(Path(path).is_dir() for path in listed.values())
+    # Trial folders are named by job key: wave*/<key with '>' as '+'>/checkpoint_*.
+    assert {Path(path).parent.name for path in listed.values()} == {key.replace(">", "+") for key in listed}
     tagged = mlt.search_runs(target, parent_run_id=first.parent_run_id)
     assert dict(zip(tagged["run_name"], tagged["tags.medcl.checkpoint"])) == listed
 
@@ -182,3 +184,19 @@ def test_progress_counts_only_the_jobs_left_of_a_resumed_or_extended_run(tmp_pat
     (run / "checkpoints.json").write_text(json.dumps({"global@seed=0": "/x", "finetune@seed=0,fraction=1": "/y",
                                                       "gone@seed=0": None}))
     assert jobs_left(cfg) == 7
+
+
+def test_trial_folders_are_named_by_job_key_and_stay_unique():
+    from types import SimpleNamespace
+
+    from medcl.runner.tuner import trial_dirname
+
+    def name(config):
+        return trial_dirname(SimpleNamespace(config=config, trial_id="ab12c_00003"))
+
+    assert name({"job": "global>local_stride>finetune@seed=0,fraction=0.01"}) == \
+        "global+local_stride+finetune@seed=0,fraction=0.01"
+    assert name({"job": "finetune@seed=1,fraction=1"}) == "finetune@seed=1,fraction=1"
+    # A sweep's trial (no job) keeps its trial id; unsafe characters get the id as a suffix.
+    assert name({"lr": 0.1}) == "ab12c_00003"
+    assert name({"job": "a b/c+d>finetune@seed=0"}) == "a_b_c_d+finetune@seed=0-ab12c_00003"
