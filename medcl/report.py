@@ -14,16 +14,16 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medcl import tracking
+from medcl.storage import atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -182,18 +182,6 @@ def _split_columns(table: pd.DataFrame) -> tuple[list[str], str]:
     return cols[:-4], cols[-4]
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside ``path`` to write to; renamed to ``path`` when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def plot_label_efficiency(table: pd.DataFrame, metric: str, path: str | os.PathLike[str]) -> Path:
     """Draw the label-efficiency curve as a PNG (atomic write).
 
@@ -245,7 +233,7 @@ def plot_label_efficiency(table: pd.DataFrame, metric: str, path: str | os.PathL
     ax.grid(True, alpha=0.3)
     ax.legend(title=", ".join(groups) or None)
     fig.tight_layout()
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
 
@@ -281,7 +269,7 @@ def write_report(
     out_dir = Path(out_dir)
     stem = "label_efficiency_" + (re.sub(r"[^\w.\-]+", "_", metric).strip("._") or "metric")
     csv_path, png_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.png"
-    with _atomic_path(csv_path) as tmp:
+    with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
     plot_label_efficiency(table, metric, png_path)
     run = tracking.RunLogger(target, parent_run_id)
@@ -305,7 +293,7 @@ def write_paired_report(target: tracking.TrackingTarget, parent_run_id: str, met
     table = paired_differences(runs, metric, baseline)
     stem = re.sub(r"[^\w.\-]+", "_", f"paired_{metric}_vs_{baseline}").strip("._")
     csv_path = Path(out_dir) / f"{stem}.csv"
-    with _atomic_path(csv_path) as tmp:
+    with atomic_path(csv_path) as tmp:
         table.to_csv(tmp, index=False)
     return csv_path, table
 

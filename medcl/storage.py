@@ -17,10 +17,11 @@ import contextlib
 import json
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["is_uri", "local_copy", "location", "resolve_storage", "read_json", "write_json"]
+__all__ = ["atomic_path", "is_uri", "local_copy", "location", "resolve_storage", "read_json", "write_json"]
 
 # pyarrow filesystem type_name -> URI scheme that pyarrow.fs.FileSystem.from_uri reads back.
 _SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs", "mock": "mock"}
@@ -112,15 +113,30 @@ def read_json(root: str, name: str) -> dict[str, Any] | None:
         return None
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed onto ``path`` when the block succeeds.
+
+    The name is unique per process and call (``.<name>.<pid>.<random>.tmp``), so threads and
+    workers writing the same file never share one; on an error the temporary file is removed
+    and ``path`` keeps its old content. Parent directories are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(root: str, name: str, data: dict[str, Any]) -> None:
     """Write ``data`` to ``root/name`` (creating ``root``)."""
     text = json.dumps(data, indent=2, sort_keys=True)
     if not is_uri(root):
-        path = Path(root) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        with atomic_path(Path(root) / name) as tmp:
+            tmp.write_text(text)
         return
     import pyarrow.fs
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from medcl.storage import atomic_path
 from medcl.train.context import TuneTrialContext
 
 __all__ = ["STAGE_TAG_FILE", "ChainStageContext", "numeric", "read_tag", "write_tag"]
@@ -45,10 +45,8 @@ def numeric(metrics: dict[str, Any]) -> dict[str, float]:
 
 def write_tag(directory: str | Path, tag: dict[str, Any]) -> None:
     """Write ``tag`` as the stage tag file of the checkpoint directory ``directory`` (atomically)."""
-    path = Path(directory) / STAGE_TAG_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(tag, sort_keys=True))
-    os.replace(tmp, path)
+    with atomic_path(Path(directory) / STAGE_TAG_FILE) as tmp:
+        tmp.write_text(json.dumps(tag, sort_keys=True))
 
 
 def read_tag(checkpoint: Any) -> dict[str, Any] | None:

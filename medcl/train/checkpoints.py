@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medcl.storage import is_uri, local_copy
+from medcl.storage import atomic_path, is_uri, local_copy
 from medcl.train.runtime import unwrap
 
 logger = logging.getLogger(__name__)
@@ -81,25 +80,13 @@ def _jsonable(value: Any, where: str) -> Any:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_write_text(text: str, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def save_checkpoint(

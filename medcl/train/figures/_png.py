@@ -1,9 +1,11 @@
-"""Writing a matplotlib figure as a PNG: Agg canvas (no pyplot, no display), temp name + ``os.replace``."""
+"""Writing a matplotlib figure as a PNG: Agg canvas (no pyplot, no display), written atomically (:func:`medcl.storage.atomic_path`)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 from typing import Any
+
+from medcl.storage import atomic_path
 
 __all__ = ["new_figure", "save_png"]
 
@@ -29,11 +31,6 @@ def save_png(fig: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"path must end in .png, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=fig.dpi)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
