@@ -174,9 +174,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--smoke", action="store_true", help="apply the file's `smoke:` overrides (short CPU run)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="run only these methods of the file (default: all)")
-    parser.add_argument("--register", default=None, metavar="NAME",
-                        help="after the run, register the best job (by validation) of each method x label "
-                             "fraction in the MLflow Model Registry as NAME-<method>-<fraction>")
+    parser.add_argument("--register", default=None, metavar="NAME", help="then register the best job by validation "
+                        "of each method x fraction in the MLflow Model Registry as NAME-<method>-<fraction>")
     _add_scaling(parser)
     parser.set_defaults(func=_cmd_run)
 
@@ -191,38 +190,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_pipeline(args.pipeline, overrides=args.set, smoke=args.smoke, methods=args.methods)
     cfg = with_scaling(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu)
     check_resumable(cfg)
-    target = _registry_target(cfg, args.register)  # a store that cannot register fails before training
+    from medcl.cli_register import log_job_models, print_registered, registry_target
+
+    target = registry_target(cfg, args.register)  # a store that cannot register fails before training
     init_ray(args.address, verbose=args.verbose)
     progress = ProgressCallback(quiet=args.quiet, total=jobs_left(cfg))  # a resumed run counts what is left
-    from medcl.model_logging import log_job_models
-
     result = run_pipeline(cfg, config_text=Path(args.pipeline).read_text(), callbacks=[progress],
-                          after_wave=log_job_models)
+                          after_wave=log_job_models)  # each fine-tune's MLflow model
     _print_result(result, cfg.metric)
-    if target is not None:
-        from medcl.tracking.models import register_best_models
-
-        for reg in register_best_models(target, result.parent_run_id, args.register):
-            chosen = f"{reg.selection_metric} = {reg.value:.4f}" if reg.value is not None else "no validation metric"
-            print(f"registered {reg.name} version {reg.version}: job {reg.job} ({chosen})")
+    print_registered(target, result.parent_run_id, args.register)  # --register NAME; nothing without it
     return 0
 
 
-def _registry_target(cfg: Any, name: str | None) -> Any:
-    """The pipeline's tracking target when ``--register NAME`` is given (checked: the name, the registry)."""
-    if name is None:
-        return None
-    from medcl import tracking as mlt
-    from medcl.tracking.models import check_registry, registered_name
-
-    registered_name(name, "method", 1)  # a bad NAME exits 2 now, not after the run
-    target = mlt.configure_tracking(tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
-                                    workdir=cfg.tracking.workdir)
-    check_registry(target)
-    return target
-
-
 def _print_result(result: Any, metric: str) -> None:
+    from medcl.cli_register import print_ui_links
     from medcl.report import format_table
 
     if result.table is not None:
@@ -230,11 +211,8 @@ def _print_result(result: Any, metric: str) -> None:
         print(format_table(result.table))
     if result.png_path:
         print(f"\ncurve: {result.png_path}\ntable: {result.csv_path}")
-    from medcl.tracking.links import format_run_links, pipeline_links
-
     print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
-    curve = f"report/{Path(result.png_path).name}" if result.png_path else None
-    print(format_run_links(pipeline_links(result.tracking_uri, result.parent_run_id, curve)))
+    print_ui_links(result)  # direct links into the MLflow UI
 
 
 # ----------------------------------------------------------------------------- sweep

@@ -14,6 +14,7 @@ the runner's file names), so the runner calls it only through the hook.
 """
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -61,7 +62,8 @@ def log_job_models(target: TrackingTarget, parent_run_id: str, checkpoints: Mapp
                         "medcl.label_fraction": row.get("params.label_fraction"),
                         "medcl.seed": row.get("params.seed"), "medcl.checkpoint": checkpoint,
                         "medcl.weights": card.weights.get("which")}
-                logged[key] = log_pytorch_model(target, row["run_id"], network, card.to_dict(), export / CARD_FILE,
+                card_json = json.loads((export / CARD_FILE).read_text(encoding="utf-8"))  # NaN-free, as written
+                logged[key] = log_pytorch_model(target, row["run_id"], network, card_json, export / CARD_FILE,
                                                 name=key, tags=tags)
         except Exception:  # the checkpoint is safe in storage: a model is a view of it, retried next start
             logger.warning("could not log the MLflow model of job %s (checkpoint %s kept); running the same "

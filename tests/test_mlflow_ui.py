@@ -16,6 +16,7 @@ temporary directory). Then:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import shutil
@@ -32,7 +33,6 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 
 PIPELINE = """\
 name: tiny-ui
@@ -115,19 +115,29 @@ def _mlflow_server(root: Path):
 def served(ray_session, tmp_path_factory):
     """The pipeline run by ``medcl run ... --register tiny`` against a real server: paths, URI, stdout.
 
-    The CLI runs in its own process (as a user runs it), as a driver of the session's Ray instance.
+    ``medcl.cli.main`` runs in this process, on the session's Ray instance; its progress display goes to
+    the real stderr (Tune pickles its callbacks, and pytest's capture file cannot be pickled).
     """
+    import logging
+
+    from medcl.cli import main
+
     root = tmp_path_factory.mktemp("mlflow-ui")
+    handlers, level = logging.getLogger().handlers[:], logging.getLogger().level
     with _mlflow_server(root) as uri:
         path = root / "tiny.yaml"
         path.write_text(textwrap.dedent(PIPELINE.format(root=root, uri=uri)))
-        address = ray_session.get_runtime_context().gcs_address
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        done = subprocess.run([sys.executable, "-m", "medcl.cli", "run", str(path), "--register", "tiny", "-q",
-                               "--address", address], capture_output=True, text=True, timeout=900, env=env,
-                              cwd=root)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-        yield {"root": root, "uri": uri, "stdout": done.stdout}
+        out, stderr = io.StringIO(), sys.stderr
+        try:
+            sys.stderr = sys.__stderr__
+            with contextlib.redirect_stdout(out):
+                code = main(["run", str(path), "--register", "tiny", "-q"])
+        finally:
+            sys.stderr = stderr
+            logging.getLogger().handlers[:] = handlers
+            logging.getLogger().setLevel(level)
+        assert code == 0, out.getvalue()
+        yield {"root": root, "uri": uri, "stdout": out.getvalue()}
 
 
 def _client(uri: str):
@@ -266,3 +276,23 @@ def test_register_with_a_bad_name_exits_2_before_anything_runs(tmp_path, capsys)
     assert main(["run", str(path), "--register", "a/b", "-q"]) == 2
     assert "'/'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_model_that_cannot_be_logged_is_a_warning_and_leaves_the_checkpoint(tmp_path, caplog):
+    from medcl import tracking as mlt
+    from medcl.model_logging import log_job_models
+
+    target = mlt.configure_tracking(experiment="x", workdir=tmp_path)
+    parent = mlt.start_parent_run(target, "p")
+    key = "finetune@seed=0,fraction=1"
+    run_id = mlt.child_run_id(target, parent, key, params={"kind": "seg_finetune"})
+    checkpoint = tmp_path / "checkpoint_000000"
+    checkpoint.mkdir()
+    (checkpoint / "meta.json").write_text('{"epoch": 0}')  # not exportable: records no stage kind
+    (checkpoint / "model.pt").write_bytes(b"weights")
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+
+    assert log_job_models(target, parent, {key: str(checkpoint)}, [key], str(tmp_path)) == {}
+    assert f"could not log the MLflow model of job {key}" in caplog.text
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
+    assert "medcl.model_id" not in target.client().get_run(run_id).data.tags

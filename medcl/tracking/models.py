@@ -66,17 +66,6 @@ def _global_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
-def _finite(value: Any) -> Any:
-    """YAML/JSON-safe: NaN/inf to None, tuples to lists, keys to strings (recursively)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _model_name(text: str) -> str:
     """A logged-model name (MLflow refuses ``/ : . % " '``)."""
     return re.sub(r"[/:.%\"']+", "_", text).strip("_") or "model"
@@ -91,8 +80,8 @@ def log_pytorch_model(target: TrackingTarget, run_id: str, network: Any, card: M
         target: The store (the run's experiment is used).
         run_id: The job's run: the model's source run.
         network: The fine-tuned network in eval mode (``(B, C, H, W)`` float images).
-        card: The model card (``ModelCard.to_dict()``): ``in_channels`` and ``preprocessing.size`` give
-            the example batch; stored as the MLmodel ``metadata``.
+        card: The model card as ``model.json`` holds it (JSON: no NaN): ``in_channels`` and
+            ``preprocessing.size`` give the example batch; stored as the MLmodel ``metadata``.
         card_path: The export's ``model.json``, stored with the model and on the run.
         name: The logged model's name (default: the card's job key, made valid).
         tags: Tags of the logged model.
@@ -125,7 +114,7 @@ def log_pytorch_model(target: TrackingTarget, run_id: str, network: Any, card: M
         with _global_tracking_uri(target.tracking_uri):
             mlflow.pytorch.log_model(
                 network, model_id=model.model_id, run_id=run_id, signature=signature, input_example=example,
-                serialization_format="pt2", metadata={"medcl_model_card": _finite(card)},
+                serialization_format="pt2", metadata={"medcl_model_card": dict(card)},
                 extra_files=[str(card_path)], pip_requirements=[f"torch>={torch.__version__.split('+')[0]}"],
                 validate_serving_input=False)  # a tensor signature: MLflow's JSON check cannot feed it
         RunLogger(target, run_id).log_artifact(card_path, CARD_ARTIFACT)
