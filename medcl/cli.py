@@ -35,6 +35,7 @@ EXAMPLES = {
     "run": """examples:
   medcl run pipelines/quickstart.yaml
   medcl run pipelines/hippocampus.yaml --smoke
+  medcl run pipelines/quickstart.yaml --register quickstart
   medcl run pipelines/hippocampus.yaml --num-workers 4 --use-gpu --set tracking.tracking_uri=http://mlflow:5000""",
     "sweep": """examples:
   medcl sweep tune_spaces/quickstart_temperature.yaml
@@ -173,6 +174,8 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--smoke", action="store_true", help="apply the file's `smoke:` overrides (short CPU run)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="run only these methods of the file (default: all)")
+    parser.add_argument("--register", default=None, metavar="NAME", help="then register the best job by validation "
+                        "of each method x fraction in the MLflow Model Registry as NAME-<method>-<fraction>")
     _add_scaling(parser)
     parser.set_defaults(func=_cmd_run)
 
@@ -187,14 +190,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_pipeline(args.pipeline, overrides=args.set, smoke=args.smoke, methods=args.methods)
     cfg = with_scaling(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu)
     check_resumable(cfg)
+    from medcl.cli_register import log_job_models, print_registered, registry_target
+
+    target = registry_target(cfg, args.register)  # a store that cannot register fails before training
     init_ray(args.address, verbose=args.verbose)
     progress = ProgressCallback(quiet=args.quiet, total=jobs_left(cfg))  # a resumed run counts what is left
-    result = run_pipeline(cfg, config_text=Path(args.pipeline).read_text(), callbacks=[progress])
+    result = run_pipeline(cfg, config_text=Path(args.pipeline).read_text(), callbacks=[progress],
+                          after_wave=log_job_models)  # each fine-tune's MLflow model
     _print_result(result, cfg.metric)
+    print_registered(target, result.parent_run_id, args.register)  # --register NAME; nothing without it
     return 0
 
 
 def _print_result(result: Any, metric: str) -> None:
+    from medcl.cli_register import print_ui_links
     from medcl.report import format_table
 
     if result.table is not None:
@@ -203,8 +212,7 @@ def _print_result(result: Any, metric: str) -> None:
     if result.png_path:
         print(f"\ncurve: {result.png_path}\ntable: {result.csv_path}")
     print(f"MLflow parent run {result.parent_run_id} in {result.tracking_uri}")
-    if result.tracking_uri.startswith("sqlite:"):
-        print(f"see the runs: mlflow ui --backend-store-uri {result.tracking_uri}")
+    print_ui_links(result)  # direct links into the MLflow UI
 
 
 # ----------------------------------------------------------------------------- sweep

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from medcl.config.pipeline import PipelineConfig
 from medcl.runner.failures import describe_error
@@ -182,7 +182,7 @@ def _record_checkpoints(target: Any, parent: str, root: str, checkpoints: dict[s
 
 
 def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbacks: list | None = None,
-                 report: bool = True) -> PipelineResult:
+                 report: bool = True, after_wave: Callable[..., Any] | None = None) -> PipelineResult:
     """Run every job of ``cfg`` (Ray must be initialised), then write the label-efficiency report.
 
     One run per name at a time (:func:`~medcl.runner.lock.run_lock`). The plan is recorded
@@ -195,6 +195,9 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
         config_text: The pipeline file's text, logged as an artifact of the parent run.
         callbacks: Ray Tune callbacks (progress display).
         report: Write the curve and table at the end.
+        after_wave: Called on the driver after each wave's checkpoints are recorded, with ``(target,
+            parent_run_id, checkpoints, finished job keys, dataset_dir)``; ``medcl run`` logs the fine-tuned
+            models to MLflow with it (:func:`medcl.model_logging.log_job_models`).
 
     Raises:
         ValueError: A run of this name was started with another plan (:func:`~medcl.runner.plan.check_resumable`).
@@ -205,11 +208,12 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
     from medcl.runner.lock import run_lock
 
     with run_lock(run_root(cfg.storage_path, cfg.name), f"pipeline {cfg.name!r}"), ParentRunGuard() as guard:
-        return _run_pipeline(cfg, config_text=config_text, callbacks=callbacks, report=report, guard=guard)
+        return _run_pipeline(cfg, config_text=config_text, callbacks=callbacks, report=report, guard=guard,
+                             after_wave=after_wave)
 
 
 def _run_pipeline(cfg: PipelineConfig, *, config_text: str | None, callbacks: list | None, report: bool,
-                  guard: ParentRunGuard) -> PipelineResult:
+                  guard: ParentRunGuard, after_wave: Callable[..., Any] | None = None) -> PipelineResult:
     """:func:`run_pipeline` under the run's lock; ``guard`` ends the parent run when this raises."""
     from medcl import tracking as mlt
     from medcl.runner.datasets import prepare_dataset, stage_streams
@@ -270,6 +274,8 @@ def _run_pipeline(cfg: PipelineConfig, *, config_text: str | None, callbacks: li
                 checkpoints[key] = handover_path(result.checkpoint)
                 metrics[key] = dict(result.metrics or {})
             _record_checkpoints(target, parent, root, checkpoints, list(results))
+            if after_wave is not None:
+                after_wave(target, parent, dict(checkpoints), list(results), str(cfg.dataset.path))
     out = PipelineResult(parent_run_id=parent, tracking_uri=target.tracking_uri, checkpoints=checkpoints, metrics=metrics)
     if report:
         from medcl.report import write_report
