@@ -342,6 +342,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from medcl import __version__
     from medcl.cli_export import add_parser as _export_parser
+    from medcl.cli_predict import add_parser as _predict_parser
 
     parser = argparse.ArgumentParser(
         prog="medcl",
@@ -358,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _validate_parser(sub)
     _export_parser(sub, _add_common)
+    _predict_parser(sub, _add_common)
     return parser
 
 
