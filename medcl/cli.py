@@ -349,7 +349,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     from medcl import __version__
-    from medcl.cli_export import add_parser as _export_parser
+    from medcl import cli_export, cli_predict
 
     parser = argparse.ArgumentParser(
         prog="medcl",
@@ -365,7 +365,8 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_parser(sub)
     _report_parser(sub)
     _validate_parser(sub)
-    _export_parser(sub, _add_common)
+    for module in (cli_export, cli_predict):
+        module.add_parser(sub, _add_common)
     return parser
 
 

@@ -130,23 +130,24 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return y.numpy()
 
 
-def resize_masks(masks: np.ndarray, size: int) -> np.ndarray:
+def resize_masks(masks: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize ("nearest-exact": pixel centres) of class-index masks.
 
     Args:
         masks: Integer class indices. Shape: (N, h, w).
-        size: Output height and width.
+        size: Output height and width (an int: square), e.g. a prediction's way back to its input's size.
 
     Returns:
-        int64 array with only values present in ``masks``. Shape: (N, size, size).
+        int64 array with only values present in ``masks``. Shape: (N, size, size) or (N, *size).
     """
     m = np.asarray(masks)
-    if m.shape[-2:] == (size, size) or m.shape[0] == 0:
+    out_h, out_w = (size, size) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
+    if m.shape[-2:] == (out_h, out_w) or m.shape[0] == 0:
         return m.astype(np.int64)
     h, w = m.shape[-2:]
     # out[i] = in[floor((i + 0.5) * h / size)]: torch's "nearest-exact", done as an index gather.
-    rows = np.minimum(((np.arange(size) + 0.5) * (h / size)).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(size) + 0.5) * (w / size)).astype(np.int64), w - 1)
+    rows = np.minimum(((np.arange(out_h) + 0.5) * (h / out_h)).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(out_w) + 0.5) * (w / out_w)).astype(np.int64), w - 1)
     return m[:, rows][:, :, cols].astype(np.int64)
 
 

@@ -35,12 +35,12 @@ from medcl.data.sources.common import (
     check_bool,
     check_choice,
     check_int,
-    normalise,
     resize_images,
     resize_masks,
     run_ingest,
     source_file,
 )
+from medcl.data.sources.preprocess import image_channels, read_image
 from medcl.data.splits import check_split_ratios, split_patients
 
 __all__ = ["ingest_image_folder"]
@@ -69,39 +69,8 @@ def _read_csv(path: Path, required: Sequence[str]) -> Any:
     return df
 
 
-def _read_image(path: Path) -> np.ndarray:
-    from skimage import io
-
-    try:
-        return np.asarray(io.imread(str(path)))
-    except Exception as e:  # imageio/tifffile/PIL raise many types on unreadable files
-        raise IngestError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
-
-
-def _to_channels(img: np.ndarray, channels: int, normalisation: str, path: Path) -> np.ndarray:
-    """(C, H, W) float32 in the requested channels, normalised."""
-    if img.ndim == 3 and img.shape[-1] in (1, 3, 4):
-        img = img[..., :3] if img.shape[-1] > 1 else img[..., 0]
-    if img.ndim not in (2, 3):
-        raise IngestError(f"{path}: image of shape {list(img.shape)}; expected grey [H, W] or RGB(A) [H, W, 3|4]")
-    if np.issubdtype(img.dtype, np.bool_):
-        x = img.astype(np.float32)
-    elif np.issubdtype(img.dtype, np.integer):
-        x = img.astype(np.float32) / (np.iinfo(img.dtype).max if normalisation == "dtype" else 1)
-    else:
-        x = img.astype(np.float32)
-        if not np.isfinite(x).all():
-            raise IngestError(f"{path}: {int((~np.isfinite(x)).sum())} NaN/inf intensities")
-    x = x[None] if x.ndim == 2 else np.moveaxis(x, -1, 0)
-    if channels == 1 and x.shape[0] == 3:
-        x = np.tensordot(np.array([0.2125, 0.7154, 0.0721], np.float32), x, axes=1)[None]  # ITU-R 709 luma
-    elif channels == 3 and x.shape[0] == 1:
-        x = np.repeat(x, 3, axis=0)
-    return x if normalisation == "dtype" else normalise(x, normalisation)
-
-
 def _read_mask(path: Path, value_map: Mapping[int, int] | None) -> np.ndarray:
-    m = _read_image(path)
+    m = read_image(path)
     if m.ndim == 3:
         if not (m == m[..., :1]).all():
             raise IngestError(f"{path}: mask has {m.shape[-1]} differing channels; masks must be single-channel")
@@ -297,7 +266,7 @@ def ingest_image_folder(
                "split_ratios": list(ratios), "split_seed": split_seed, "rows_per_shard": rows_per_shard}
 
     def row_block(r: dict[str, Any]) -> ImageBlock:
-        x = _to_channels(_read_image(r["image"]), channels, normalisation, r["image"])
+        x = image_channels(read_image(r["image"]), channels, normalisation, r["image"])
         masks = None
         if r["mask"] is not None:
             m = _read_mask(r["mask"], mask_value_map)

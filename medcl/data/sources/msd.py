@@ -40,13 +40,12 @@ from medcl.data.sources.common import (
     check_bool,
     check_choice,
     check_int,
-    normalise,
-    resize_images,
     resize_masks,
     run_ingest,
     source_file,
 )
-from medcl.data.sources.orientation import CANONICAL, OrientationInfo, canonical_array, orientation_of, slice_axis
+from medcl.data.sources.orientation import CANONICAL, OrientationInfo, slice_axis
+from medcl.data.sources.preprocess import check_volume, load_nifti, volume_slices
 from medcl.data.splits import check_split_ratios, split_patients
 
 __all__ = ["ingest_msd"]
@@ -117,22 +116,6 @@ def _pair_cases(root: Path, training: list[tuple[Path, Path]]) -> list[tuple[str
     return [(c, *cases[c]) for c in sorted(cases)]
 
 
-def _load(path: Path, what: str) -> tuple[np.ndarray, OrientationInfo]:
-    """A NIfTI file's data in the canonical orientation, and its orientation."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-    except Exception as e:  # nibabel raises many types on corrupt/truncated files
-        raise IngestError(f"{path}: cannot read NIfTI {what} ({type(e).__name__}: {e})") from e
-    try:
-        info = orientation_of(img)
-    except ValueError as e:
-        raise IngestError(f"{path}: NIfTI {what} with no usable orientation ({e})") from e
-    return canonical_array(data, info), info
-
-
 def _check_pair(img_path: Path, img_info: OrientationInfo, lab_path: Path, lab_info: OrientationInfo) -> None:
     """Refuse a label whose affine differs from its image's (they would not overlay)."""
     diff = float(np.abs(np.subtract(img_info.affine, lab_info.affine)).max())
@@ -151,27 +134,18 @@ def _volume_block(case: str, img_path: Path, lab_path: Path, root: Path, split: 
 
     ``axis`` indexes the canonical (RAS) array.
     """
-    img, info = _load(img_path, "image")
-    lab, lab_info = _load(lab_path, "label")
+    img, info = load_nifti(img_path, "image")
+    lab, lab_info = load_nifti(lab_path, "label")
     _check_pair(img_path, info, lab_path, lab_info)
-    if img.ndim == 3:
-        img = img[..., None]
-    if img.ndim != 4 or img.shape[-1] != channels:
-        raise IngestError(f"{img_path}: image of shape {list(img.shape)}; expected 3D or 4D with {channels} "
-                          "modalities (dataset.json 'modality')")
+    img = check_volume(img, img_path, channels)
     if lab.ndim != 3 or lab.shape != img.shape[:3]:
         raise IngestError(f"{lab_path}: label shape {list(lab.shape)} differs from image shape "
                           f"{list(img.shape[:3])} of {img_path} (both in the canonical RAS orientation)")
-    img = img.astype(np.float32)
-    if not np.isfinite(img).all():
-        raise IngestError(f"{img_path}: {int((~np.isfinite(img)).sum())} NaN/inf intensities")
     values = np.unique(lab)
     bad = [v for v in values.tolist() if v not in labels]
     if bad:
         raise IngestError(f"{lab_path}: label values {bad[:10]} not in dataset.json labels {sorted(labels)}")
-    img = normalise(img, normalisation, axes=(0, 1, 2))
     n = img.shape[axis]
-    slices = np.moveaxis(np.moveaxis(img, axis, 0), -1, 1)  # (S, C, h, w)
     masks = resize_masks(np.moveaxis(lab.astype(np.int64), axis, 0), size)
     keep = np.arange(n)
     if min_fg > 0:
@@ -179,7 +153,8 @@ def _volume_block(case: str, img_path: Path, lab_path: Path, root: Path, split: 
         if keep.size == 0:
             return None, n, info
     source = img_path.relative_to(root).as_posix() if img_path.is_relative_to(root) else str(img_path)
-    block = ImageBlock(images=resize_images(slices[keep], size), masks=masks[keep], patient_id=case, volume_id=case,
+    block = ImageBlock(images=volume_slices(img, axis=axis, size=size, normalisation=normalisation,
+                                             keep=keep), masks=masks[keep], patient_id=case, volume_id=case,
                        split=split, source_path=source, slice_index=keep, slice_position=keep / n)
     return block, n, info
 
