@@ -312,9 +312,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UserError(f"--baseline: {exc}") from None
         print("\n" + format_paired(paired, args.baseline))
-    print(f"\ncurve: {png_path}\ntable: {csv_path}")
-    if args.baseline is not None:
-        print(f"paired: {paired_path}")
+    print(f"\ncurve: {png_path}\ntable: {csv_path}" + (f"\npaired: {paired_path}" if args.baseline is not None else ""))
     return 0
 
 
