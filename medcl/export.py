@@ -22,7 +22,6 @@ Example:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -30,16 +29,14 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medcl.model_card import CARD_FILE, FORMAT_VERSION, WEIGHTS_FILE, ModelCard, build_network, load_model, load_strict
-from medcl.storage import is_uri, local_copy, read_json
+from medcl.storage import atomic_dir, is_uri, local_copy, read_json, refuse_occupied
 
 __all__ = ["CARD_FILE", "WEIGHTS_FILE", "EXPORTABLE", "ModelCard", "export_model", "export_job", "job_checkpoint",
            "load_model"]
@@ -212,34 +209,6 @@ def _dataset_for(checkpoint: str, dataset_dir: str | os.PathLike | None, record:
     return Path(recorded)
 
 
-def _occupied(out: Path, force: bool) -> bool:
-    """Whether ``out`` holds something (a file, a non-empty folder); refused without ``force``."""
-    occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if occupied and not force:
-        raise ValueError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
-    return occupied
-
-
-@contextlib.contextmanager
-def _staging(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary folder beside ``out`` that becomes ``out`` when the block ends without error."""
-    _occupied(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if _occupied(out, force):  # --force: move the old one aside first
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def export_model(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *, weights: str = "best",
                  dataset_dir: str | os.PathLike | None = None, job: str | None = None, force: bool = False) -> Path:
     """Write a fine-tuned checkpoint as ``out_dir/model.safetensors`` + ``out_dir/model.json``.
@@ -271,7 +240,7 @@ def export_model(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     if weights not in ("best", "last"):
         raise ValueError(f"weights must be 'best' or 'last', got {weights!r}")
     checkpoint, out = str(checkpoint_dir), Path(out_dir).absolute()
-    _occupied(out, force)  # before any work (checked again when the export is moved into place)
+    refuse_occupied(out, force)  # before any work
     with local_copy(checkpoint) as root:
         if not (root / META_FILE).is_file():
             raise FileNotFoundError(f"{checkpoint}/{META_FILE} not found: not a complete medcl checkpoint directory")
@@ -294,7 +263,7 @@ def export_model(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         logger.warning("%s: the manifest of dataset %s changed since the run started (re-ingested?); the card "
                        "describes it as it is now", checkpoint, dataset)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
-    with _staging(out, force) as tmp:
+    with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "card": CARD_FILE})
         digest = hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest()
         card = dataclasses.replace(card, weights={**card.weights, "sha256": digest})

@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "is_uri", "local_copy", "location", "resolve_storage", "read_json", "write_json"]
+__all__ = ["atomic_dir", "atomic_path", "refuse_occupied", "is_uri", "local_copy", "location", "resolve_storage", "read_json", "write_json"]
 
 # pyarrow filesystem type_name -> URI scheme that pyarrow.fs.FileSystem.from_uri reads back.
 _SCHEMES = {"s3": "s3", "gcs": "gs", "hdfs": "hdfs", "abfs": "abfs", "mock": "mock"}
@@ -129,6 +130,55 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def refuse_occupied(out: str | os.PathLike[str], force: bool, option: str = "--out") -> bool:
+    """Whether ``out`` holds something (a file, a non-empty folder); refused without ``force``.
+
+    Raises:
+        ValueError: ``out`` is occupied and ``force`` is false (the message names ``option``).
+    """
+    out = Path(out)
+    occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    if occupied and not force:
+        raise ValueError(f"{out} exists and is not empty; choose another {option} or pass --force to replace it")
+    return occupied
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """A new empty folder beside ``out`` to fill; it replaces ``out`` when the block succeeds.
+
+    The folder is ``.<name>.tmp-*`` (normal directory permissions, not ``mkdtemp``'s 0700) and is
+    deleted when the block raises, leaving ``out`` as it was. An existing ``out`` is first moved to
+    ``.<name>.old-*/data`` and deleted after the swap; if the swap itself fails it is put back. The
+    caller decides whether ``out`` may be replaced (:func:`refuse_occupied`).
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    if out.exists() or out.is_symlink():
+        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, backup / "data")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if backup is not None:
+            os.replace(backup / "data", out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
 
 
 def write_json(root: str, name: str, data: dict[str, Any]) -> None:

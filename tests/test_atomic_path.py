@@ -40,3 +40,23 @@ def test_threads_writing_one_file_never_share_a_temp_name(tmp_path):
     text = target.read_text()
     assert len(set(text)) == 1 and len(text) == 1000  # one writer's whole file, never a mix
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]
+
+
+def test_a_folder_appears_whole_or_not_at_all(tmp_path):
+    from medcl.storage import atomic_dir, refuse_occupied
+
+    out = tmp_path / "pred"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(out) as tmp:
+            (tmp / "a.nii.gz").write_text("half")
+            raise RuntimeError("bad case")
+    assert list(tmp_path.iterdir()) == []  # neither out nor a staging folder
+    with atomic_dir(out) as tmp:
+        (tmp / "a.nii.gz").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["a.nii.gz"]
+    with pytest.raises(ValueError, match=rf"{out} exists and is not empty; choose another --out"):
+        refuse_occupied(out, force=False)
+    assert refuse_occupied(out, force=True) is True
+    with atomic_dir(out) as tmp:  # replaces the old folder, whose backup is removed
+        (tmp / "b.png").write_text("b")
+    assert [p.name for p in tmp_path.iterdir()] == ["pred"] and [p.name for p in out.iterdir()] == ["b.png"]

@@ -15,14 +15,12 @@ decoding them back live in :mod:`medcl.data.decode`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ from medcl.data.manifest import (
     sha256_file,
 )
 from medcl.data.image_block import ImageBlock
+from medcl.storage import atomic_dir
 from medcl.data.schema import BAG_SCHEMA, BAGS_NAME, MANIFEST_NAME, SHARD_SCHEMA, SPLITS
 
 __all__ = ["write_dataset"]
@@ -133,39 +132,15 @@ def _write_parquet(table: pa.Table, path: Path, row_group_size: int) -> None:
     )
 
 
-@contextlib.contextmanager
-def _staging_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty sibling temp dir; on success swap it into ``out_dir``, on error delete it."""
-    parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
+def _staging_dir(out_dir: Path) -> Any:
+    """An empty sibling temp dir (:func:`medcl.storage.atomic_dir`) that replaces ``out_dir`` on success;
+    refused for a non-empty directory that is not a dataset."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir={str(out_dir)!r} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise ValueError(f"out_dir={str(out_dir)!r} is a non-empty directory without {MANIFEST_NAME}; "
                          "refusing to replace it (choose an empty or new directory)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the dataset normal directory permissions
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    backup = None
-    if out_dir.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=parent))
-        os.replace(out_dir, backup / "data")
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if backup is not None:
-            os.replace(backup / "data", out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    return atomic_dir(out_dir)
 
 
 def _recover_interrupted_swap(out_dir: Path) -> None:

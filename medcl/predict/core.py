@@ -9,7 +9,7 @@ size, stacked along the slice axis and put back in the input's own orientation
 (:func:`~medcl.data.sources.orientation.from_canonical`), then written as NIfTI with the
 input's affine and header; a 2-D input's mask as PNG; a classifier's probabilities as
 ``predictions.csv``. Everything is written into a staging folder beside ``out`` that
-becomes ``out`` only when all of it succeeded (:func:`medcl.export._staging`).
+becomes ``out`` only when all of it succeeded (:func:`medcl.storage.atomic_dir`).
 """
 from __future__ import annotations
 
@@ -258,11 +258,11 @@ def predict(model: str | Path, source: str | Path, out: str | Path, *, labels: s
     Raises:
         ValueError / FileNotFoundError: a bad model, input or label (names the file); ``out`` is then untouched.
     """
-    from medcl.export import _occupied, _staging
     from medcl.runner.batch_inference import run_batch_inference
     from medcl.runner.session import init_ray
+    from medcl.storage import atomic_dir, refuse_occupied
 
-    _occupied(Path(out).absolute(), force)
+    refuse_occupied(Path(out).absolute(), force)
     with model_directory(model, job) as model_dir:
         card = read_card(model_dir)
         pre = preprocessing_of(card, str(model))
@@ -272,7 +272,7 @@ def predict(model: str | Path, source: str | Path, out: str | Path, *, labels: s
                    else None)
         init_ray(address, verbose=verbose)  # no-op when Ray is up
         start = time.perf_counter()
-        with _staging(Path(out).absolute(), force) as tmp:
+        with atomic_dir(Path(out).absolute()) as tmp:
             writer = _Writer(tmp, items, pre, card, scored=labels is not None)
             rows = [{"index": i, "path": str(item.path)} for i, item in enumerate(items)]
             device = "cuda" if use_gpu else "cpu"
