@@ -86,7 +86,7 @@ def test_lesion_contrast_scales_only_the_lesion_and_defaults_to_the_old_cohort()
 @pytest.mark.timeout(1200)
 @pytest.mark.skipif(os.environ.get("MEDCL_SANITY_BAR") != "1",
                     reason="the pipeline's full fine-tune budget (~5 min); set MEDCL_SANITY_BAR=1")
-def test_the_pipelines_fine_tune_learns_a_small_cohort_from_random_init(ray_session, tmp_path):
+def test_the_pipelines_fine_tune_learns_its_cohort_from_random_init(ray_session, tmp_path):
     from in_process import InProcessContext
 
     from medcl.data.ingest import ingest
