@@ -65,7 +65,8 @@ def _blob(d2: np.ndarray, r: np.ndarray, amp: np.ndarray) -> np.ndarray:
 
 
 def _draw_site(seed: int, site: int, n_patients: int, n_slices: int, size: int, num_classes: int,
-               positive_fraction: float, lesion_rate: float, noise: float) -> dict[str, np.ndarray]:
+               positive_fraction: float, lesion_rate: float, noise: float,
+               lesion_contrast: float = 1.0) -> dict[str, np.ndarray]:
     """Images (P*S, 1, H, W), masks (P*S, H, W), per-patient labels (P,), per-image lesion flags (P*S,)."""
     rng = np.random.default_rng([seed, site])
     P, S = n_patients, n_slices
@@ -89,7 +90,7 @@ def _draw_site(seed: int, site: int, n_patients: int, n_slices: int, size: int, 
     labels[rng.permutation(P)[: round(positive_fraction * P)]] = 1
     lesion = (rng.random((P, S)) < lesion_rate) & (labels[:, None] == 1)
     les = {"u": u(-0.45, 0.45, (P, S)), "v": u(-0.4, 0.4, (P, S)), "r": u(0.06, 0.1, (P, S)),
-           "amp": u(0.2, 0.3, (P, S))}
+           "amp": lesion_contrast * u(0.2, 0.3, (P, S))}
     dis = {"on": (rng.random((P, S)) < 0.5).astype(np.float32), "x": u(-0.85, 0.85, (P, S)),
            "y": u(-0.85, 0.85, (P, S)), "r": u(0.06, 0.1, (P, S)), "amp": u(0.2, 0.3, (P, S))}
     shift = {"gamma": u(0.55, 0.75), "contrast": u(0.7, 0.85), "psi": u(0, 2 * np.pi), "bias": u(0.2, 0.35)}
@@ -158,6 +159,7 @@ def generate_synthetic(
     positive_fraction: float = 0.5,
     lesion_rate: float = 0.8,
     noise: float = 0.08,
+    lesion_contrast: float = 1.0,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Draw the cohort in memory (arguments as :func:`ingest_synthetic`).
@@ -178,11 +180,15 @@ def generate_synthetic(
     for name, value in (("positive_fraction", positive_fraction), ("lesion_rate", lesion_rate), ("noise", noise)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise IngestError(f"{name}={value!r} must be a number in [0, 1]")
+    if isinstance(lesion_contrast, bool) or not isinstance(lesion_contrast, (int, float)) \
+            or not 0 <= lesion_contrast <= 4:
+        raise IngestError(f"lesion_contrast={lesion_contrast!r} must be a number in [0, 4]")
     parts = []
     for site, n in ((0, num_patients), (1, shifted_patients)):
         if n == 0:
             continue
-        d = _draw_site(seed, site, n, images_per_patient, size, num_classes, positive_fraction, lesion_rate, noise)
+        d = _draw_site(seed, site, n, images_per_patient, size, num_classes, positive_fraction, lesion_rate, noise,
+                       lesion_contrast)
         name = "AB"[site]
         digits = max(4, len(str(n - 1)))
         ids = np.repeat(np.array([f"{name}-{i:0{digits}d}" for i in range(n)]), images_per_patient)
@@ -205,6 +211,7 @@ def ingest_synthetic(
     positive_fraction: float = 0.5,
     lesion_rate: float = 0.8,
     noise: float = 0.08,
+    lesion_contrast: float = 1.0,
     split_ratios: Sequence[float] = (0.6, 0.2, 0.2),
     seed: int = 0,
     rows_per_shard: int = 2048,
@@ -222,6 +229,8 @@ def ingest_synthetic(
         positive_fraction: Fraction of patients with label 1 ("lesion").
         lesion_rate: Probability that a positive patient's slice shows the lesion.
         noise: Base standard deviation of the Gaussian noise (varied per patient).
+        lesion_contrast: Factor on the lesion's peak brightness (drawn in [0.2, 0.3], as the
+            distractor's); 1 keeps the lesion and the distractor alike in brightness.
         split_ratios: (train, val, test) fractions of the site-A patients.
         seed: Seed of everything (same seed -> identical bytes).
         rows_per_shard: Rows per shard file.
@@ -239,6 +248,8 @@ def ingest_synthetic(
                "num_classes": num_classes, "shifted_patients": shifted_patients,
                "positive_fraction": positive_fraction, "lesion_rate": lesion_rate, "noise": noise,
                "split_ratios": list(ratios), "seed": seed, "rows_per_shard": rows_per_shard}
+    if lesion_contrast != 1.0:  # recorded only when set, so older cohorts keep their manifest options
+        options["lesion_contrast"] = lesion_contrast
     gen_kw = {k: v for k, v in options.items() if k not in ("split_ratios", "rows_per_shard")}
     generate_synthetic(**{**gen_kw, "num_patients": 1, "shifted_patients": 0, "images_per_patient": 1})  # validate
     extras = {"generator": "medcl.data.synthetic", "sites": {"A": "in-distribution", "B": "shifted (test only)"}}
