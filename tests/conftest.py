@@ -43,3 +43,15 @@ def ray_session(tmp_path_factory):
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def restore_root_logging():
+    """``medcl.cli.main`` points the root logger at this test's (captured, then closed) stderr: undo it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -25,7 +25,7 @@ import torch
 
 from medcl.config import ClsFinetuneConfig, ResNetSpec, SegFinetuneConfig, UNetSpec
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("restore_root_logging")]  # cli.main reconfigures logging
 
 REPO = Path(__file__).resolve().parents[1]
 UNET = UNetSpec(features=(8, 16), norm="batch", embed_dim=16)
@@ -34,16 +34,6 @@ MSD_OPTIONS = {"size": 16, "normalisation": "minmax"}
 JOB = "simclr>cls_finetune@seed=0,fraction=1"
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """``medcl.cli.main`` points the root logger at this test's (captured, then closed) stderr: undo it."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

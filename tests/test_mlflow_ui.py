@@ -58,16 +58,7 @@ JOBS = {"finetune@seed=0,fraction=1", "finetune@seed=1,fraction=1"}
 CURVE = "report/label_efficiency_test_dice_2d.png"
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """``medcl.cli.main`` points the root logger at this test's (captured, then closed) stderr: undo it."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restore_root_logging")  # medcl.cli.main reconfigures logging
 
 
 def _free_port() -> int:

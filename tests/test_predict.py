@@ -165,3 +165,20 @@ def test_bad_input_is_one_error_naming_the_file_and_writes_nothing(hippo, tmp_pa
     assert err.count("error:") == 1 and str(named) in err, err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in"] + (["cls"] if model != hippo["model"] else []))
+
+
+def test_a_csv_input_lists_images_relative_to_itself_and_bad_csvs_name_the_file(tmp_path):
+    from PIL import Image
+
+    from medcl.predict.inputs import discover
+
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / name)
+    (tmp_path / "list.csv").write_text("image,label\nb.png,1\na.png,0\n")
+    assert [item.path.name for item in discover(tmp_path / "list.csv")] == ["b.png", "a.png"]  # the CSV's order
+    (tmp_path / "cols.csv").write_text("file\na.png\n")
+    with pytest.raises(ValueError, match=r"cols.csv: column\(s\) \['image'\] not found; columns are \['file'\]"):
+        discover(tmp_path / "cols.csv")
+    (tmp_path / "empty.csv").write_text("image\n")
+    with pytest.raises(ValueError, match=r"empty.csv: empty source, the CSV has no rows"):
+        discover(tmp_path / "empty.csv")

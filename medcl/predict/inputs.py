@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from medcl.data.sources.common import IngestError, source_file
+from medcl.data.sources.common import IngestError, read_csv_table, source_file
 from medcl.data.sources.orientation import orientation_of
 from medcl.data.sources.preprocess import check_volume, load_nifti, preprocess_image, volume_slices
 from medcl.model_card import CARD_FILE, WEIGHTS_FILE, ModelCard
@@ -145,18 +145,9 @@ def discover(source: str | Path, image_column: str = "image") -> list[Item]:
 
 
 def _csv_files(csv: Path, column: str) -> tuple[list[Path], list[str]]:
-    import pandas as pd
-
     if not csv.is_file():
         raise FileNotFoundError(f"{csv}: INPUT CSV not found")
-    try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
-        raise ValueError(f"{csv}: cannot read CSV ({type(e).__name__}: {e})") from e
-    if column not in df.columns:
-        raise ValueError(f"{csv}: no column {column!r} (--image-column); columns are {list(df.columns)}")
-    if len(df) == 0:
-        raise ValueError(f"{csv}: the CSV lists no images")
+    df = read_csv_table(csv, [column])  # the ingest's reader: one error naming the file (IngestError is a ValueError)
     files = []
     for i, cell in enumerate(df[column]):
         if not cell.strip():

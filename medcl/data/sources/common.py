@@ -23,6 +23,7 @@ from medcl.data.shards import write_dataset
 
 __all__ = [
     "IngestError",
+    "read_csv_table",
     "NORMALISATIONS",
     "run_ingest",
     "resize_images",
@@ -232,3 +233,25 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, os.PathLike):
         return str(value)
     return value
+
+
+def read_csv_table(path: Path, required: Sequence[str]) -> Any:
+    """A CSV of image paths as a pandas DataFrame of strings (no NaN for empty cells).
+
+    Raises:
+        IngestError: the file is missing or unreadable, a ``required`` column is absent, or it has no rows.
+    """
+    import pandas as pd
+
+    if not path.is_file():
+        raise IngestError(f"{path}: CSV file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
+        raise IngestError(f"{path}: cannot read CSV ({type(e).__name__}: {e})") from e
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise IngestError(f"{path}: column(s) {missing} not found; columns are {list(df.columns)}")
+    if len(df) == 0:
+        raise IngestError(f"{path}: empty source, the CSV has no rows")
+    return df

@@ -35,6 +35,7 @@ from medcl.data.sources.common import (
     check_bool,
     check_choice,
     check_int,
+    read_csv_table,
     resize_images,
     resize_masks,
     run_ingest,
@@ -50,23 +51,6 @@ logger = logging.getLogger(__name__)
 _FOLDER_NORMALISATIONS = {"dtype": "integer intensities divided by the dtype maximum (255 for 8-bit), "
                                    "float kept", **{k: v for k, v in NORMALISATIONS.items() if k != "zscore"}}
 _INT = re.compile(r"^\s*-?\d+\s*$")
-
-
-def _read_csv(path: Path, required: Sequence[str]) -> Any:
-    import pandas as pd
-
-    if not path.is_file():
-        raise IngestError(f"{path}: CSV file not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as e:
-        raise IngestError(f"{path}: cannot read CSV ({type(e).__name__}: {e})") from e
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise IngestError(f"{path}: column(s) {missing} not found; columns are {list(df.columns)}")
-    if len(df) == 0:
-        raise IngestError(f"{path}: empty source, the CSV has no rows")
-    return df
 
 
 def _read_mask(path: Path, value_map: Mapping[int, int] | None) -> np.ndarray:
@@ -213,7 +197,7 @@ def ingest_image_folder(
     except ValueError as e:
         raise IngestError(str(e)) from e
     optional = [c for c in (mask_column, label_column, view_column, slice_column, volume_column, split_column) if c]
-    df = _read_csv(csv, [image_column, patient_column, *optional, *(label_columns or [])])
+    df = read_csv_table(csv, [image_column, patient_column, *optional, *(label_columns or [])])
     kind, labels, names = _parse_labels(df, csv, label_column, label_columns, label_separator, class_names)
     rows = []
     for i, rec in enumerate(df.to_dict("records")):
