@@ -190,13 +190,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_pipeline(args.pipeline, overrides=args.set, smoke=args.smoke, methods=args.methods)
     cfg = with_scaling(cfg, num_workers=args.num_workers, use_gpu=args.use_gpu)
     check_resumable(cfg)
-    from medcl.cli_register import log_job_models, print_registered, registry_target
+    from medcl.cli_register import model_hook, print_registered, registry_target
 
     target = registry_target(cfg, args.register)  # a store that cannot register fails before training
     init_ray(args.address, verbose=args.verbose)
     progress = ProgressCallback(quiet=args.quiet, total=jobs_left(cfg))  # a resumed run counts what is left
     result = run_pipeline(cfg, config_text=Path(args.pipeline).read_text(), callbacks=[progress],
-                          after_wave=log_job_models)  # each fine-tune's MLflow model
+                          after_wave=model_hook(args.register))  # each fine-tune's MLflow model
     _print_result(result, cfg.metric)
     print_registered(target, result.parent_run_id, args.register)  # --register NAME; nothing without it
     return 0

@@ -1,12 +1,22 @@
 """``medcl run --register NAME`` and the MLflow UI links printed after a run (helpers of :mod:`medcl.cli`)."""
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from medcl.model_logging import log_job_models  # run_pipeline(after_wave=...): each fine-tune's MLflow model
 
-__all__ = ["log_job_models", "registry_target", "print_registered", "print_ui_links"]
+__all__ = ["log_job_models", "model_hook", "registry_target", "print_registered", "print_ui_links"]
+
+
+def model_hook(register: str | None) -> Callable[..., Any] | None:
+    """``run_pipeline``'s ``after_wave``: :func:`log_job_models`, unless ``MEDCL_LOG_MODELS=0`` (no MLflow
+    models: ~5 s a fine-tune job saved) and no ``--register`` (which registers logged models)."""
+    if os.environ.get("MEDCL_LOG_MODELS", "1").strip() == "0" and register is None:
+        return None
+    return log_job_models
 
 
 def registry_target(cfg: Any, name: str | None) -> Any:

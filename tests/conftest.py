@@ -13,6 +13,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# `medcl run` logs no MLflow models (~5 s a fine-tune job) unless a test asks (--register, tests/test_mlflow_ui.py).
+os.environ.setdefault("MEDCL_LOG_MODELS", "0")
 
 
 @pytest.fixture(scope="session")

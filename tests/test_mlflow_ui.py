@@ -287,3 +287,12 @@ def test_a_model_that_cannot_be_logged_is_a_warning_and_leaves_the_checkpoint(tm
     assert f"could not log the MLflow model of job {key}" in caplog.text
     assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before
     assert "medcl.model_id" not in target.client().get_run(run_id).data.tags
+
+
+def test_medcl_log_models_0_skips_model_logging_unless_registering(monkeypatch):
+    from medcl.cli_register import log_job_models, model_hook
+
+    monkeypatch.setenv("MEDCL_LOG_MODELS", "0")
+    assert model_hook(None) is None and model_hook("tiny") is log_job_models
+    monkeypatch.setenv("MEDCL_LOG_MODELS", "1")
+    assert model_hook(None) is log_job_models
