@@ -181,6 +181,46 @@ def _record_checkpoints(target: Any, parent: str, root: str, checkpoints: dict[s
             mlt.RunLogger(target, run_ids[key]).set_tags({CHECKPOINT_TAG: checkpoints[key]})
 
 
+class _BackgroundHook:
+    """Runs ``after_wave`` calls one at a time in a background thread, so that a wave's hook (logging its
+    MLflow models, ~1-5 s a job on the driver) overlaps the next wave's training.
+
+    :meth:`submit` first waits for the previous call (calls stay in wave order, one in flight) and
+    re-raises its error; leaving the ``with`` block waits for the last call, re-raising its error
+    unless the block itself is raising (then the call still finishes: finished waves keep their models).
+    """
+
+    def __init__(self, hook: Callable[..., Any] | None) -> None:
+        self._hook, self._pending, self._pool = hook, None, None
+
+    def __enter__(self) -> _BackgroundHook:
+        if self._hook is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcl-after-wave")
+        return self
+
+    def submit(self, *args: Any) -> None:
+        if self._pool is None:
+            return
+        self._wait()
+        self._pending = self._pool.submit(self._hook, *args)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._pool is None:
+            return
+        try:
+            if exc_type is None:
+                self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbacks: list | None = None,
                  report: bool = True, after_wave: Callable[..., Any] | None = None) -> PipelineResult:
     """Run every job of ``cfg`` (Ray must be initialised), then write the label-efficiency report.
@@ -196,8 +236,10 @@ def run_pipeline(cfg: PipelineConfig, *, config_text: str | None = None, callbac
         callbacks: Ray Tune callbacks (progress display).
         report: Write the curve and table at the end.
         after_wave: Called on the driver after each wave's checkpoints are recorded, with ``(target,
-            parent_run_id, checkpoints, finished job keys, dataset_dir)``; ``medcl run`` logs the fine-tuned
-            models to MLflow with it (:func:`medcl.model_logging.log_job_models`).
+            parent_run_id, checkpoints, finished job keys, dataset_dir)``, in a background thread while the
+            next wave trains (one call at a time, in wave order; the last one finishes before the report);
+            ``medcl run`` logs the fine-tuned models to MLflow with it
+            (:func:`medcl.model_logging.log_job_models`).
 
     Raises:
         ValueError: A run of this name was started with another plan (:func:`~medcl.runner.plan.check_resumable`).
@@ -259,23 +301,24 @@ def _run_pipeline(cfg: PipelineConfig, *, config_text: str | None, callbacks: li
         placement=trial_placement(scaling, cpu=scaling.cpus_per_worker, gpu=1.0 if scaling.use_gpu else 0.0,
                                   fractional_gpu=False),
         streams=streams, stage_tags=False)
-    for depth in sorted({job.depth for job in jobs}):
-        for index, group in enumerate(groups):  # the first start's jobs, then each extension's
-            wave = [by_key[key] for key in group if by_key[key].depth == depth]
-            if not wave:
-                continue
-            for job in wave:
-                parent_checkpoint(job, checkpoints)  # a parent without a checkpoint stops the run here, naming the job
-            name = f"wave{depth}" if index == 0 else f"wave{depth}-ext{index}"
-            logger.info("%s: %d job(s)", name, len(wave))
-            results = _run_wave(cfg, depth, wave, by_key, checkpoints, plan, callbacks or [], experiment_name=name)
-            raise_terminal_errors(depth, results)
-            for key, result in results.items():
-                checkpoints[key] = handover_path(result.checkpoint)
-                metrics[key] = dict(result.metrics or {})
-            _record_checkpoints(target, parent, root, checkpoints, list(results))
-            if after_wave is not None:
-                after_wave(target, parent, dict(checkpoints), list(results), str(cfg.dataset.path))
+    with _BackgroundHook(after_wave) as hook:  # a wave's hook runs while the next wave trains
+        for depth in sorted({job.depth for job in jobs}):
+            for index, group in enumerate(groups):  # the first start's jobs, then each extension's
+                wave = [by_key[key] for key in group if by_key[key].depth == depth]
+                if not wave:
+                    continue
+                for job in wave:
+                    parent_checkpoint(job, checkpoints)  # a parent without a checkpoint stops the run here, naming it
+                name = f"wave{depth}" if index == 0 else f"wave{depth}-ext{index}"
+                logger.info("%s: %d job(s)", name, len(wave))
+                results = _run_wave(cfg, depth, wave, by_key, checkpoints, plan, callbacks or [],
+                                    experiment_name=name)
+                raise_terminal_errors(depth, results)
+                for key, result in results.items():
+                    checkpoints[key] = handover_path(result.checkpoint)
+                    metrics[key] = dict(result.metrics or {})
+                _record_checkpoints(target, parent, root, checkpoints, list(results))
+                hook.submit(target, parent, dict(checkpoints), list(results), str(cfg.dataset.path))
     out = PipelineResult(parent_run_id=parent, tracking_uri=target.tracking_uri, checkpoints=checkpoints, metrics=metrics)
     if report:
         from medcl.report import write_report

@@ -200,3 +200,41 @@ def test_trial_folders_are_named_by_job_key_and_stay_unique():
     # A sweep's trial (no job) keeps its trial id; unsafe characters get the id as a suffix.
     assert name({"lr": 0.1}) == "ab12c_00003"
     assert name({"job": "a b/c+d>finetune@seed=0"}) == "a_b_c_d+finetune@seed=0-ab12c_00003"
+
+
+def test_the_after_wave_hook_overlaps_the_next_wave_in_order_and_finishes_before_the_end():
+    import threading
+
+    from medcl.runner.pipeline import _BackgroundHook
+
+    calls, main = [], threading.get_ident()
+    release = threading.Event()
+
+    def hook(wave):
+        if wave == 0:
+            assert release.wait(10)  # still running while the "next wave" (the with block) goes on
+        calls.append((wave, threading.get_ident() != main))
+
+    with _BackgroundHook(hook) as background:
+        background.submit(0)
+        assert calls == []           # submit did not wait for the hook
+        release.set()
+        background.submit(1)         # waits for wave 0's call first
+        assert calls[0] == (0, True)
+    assert calls == [(0, True), (1, True)]  # the last call finished before the block ended
+
+    def failing(wave):
+        raise OSError(f"store down at wave {wave}")
+
+    with pytest.raises(OSError, match="wave 0"):
+        with _BackgroundHook(failing) as background:
+            background.submit(0)
+    # A block that raises still lets the pending call finish, and keeps its own error.
+    done = []
+    with pytest.raises(KeyError):
+        with _BackgroundHook(lambda: (release.wait(0.2), done.append(1))) as background:
+            background.submit()
+            raise KeyError("wave failed")
+    assert done == [1]
+    with _BackgroundHook(None) as background:  # no hook: nothing to run
+        background.submit(0)
