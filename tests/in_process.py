@@ -9,12 +9,14 @@ from medcl.train.context import StageContext
 
 
 class InProcessContext(StageContext):
-    """Serves ``streams`` by name and keeps every report (and, with ``keep``, a copy of every checkpoint)."""
+    """Serves ``streams`` by name and keeps every report (and, with ``keep``, a copy of every checkpoint, or of the
+    latest only with ``keep_last_only``)."""
 
-    def __init__(self, streams: dict, keep: Path | None = None) -> None:
+    def __init__(self, streams: dict, keep: Path | None = None, keep_last_only: bool = False) -> None:
         super().__init__()
         self.streams = streams
         self.keep = keep
+        self.keep_last_only = keep_last_only  # large checkpoints (ResNet-18: ~140 MB an epoch)
         self.reports: list[dict] = []
         self.checkpoints: list[Path] = []
 
@@ -29,6 +31,10 @@ class InProcessContext(StageContext):
         if checkpoint_dir is not None and self.keep is not None:
             target = self.keep / f"epoch{int(metrics['epoch'])}"
             shutil.copytree(checkpoint_dir, target)
+            if self.keep_last_only:
+                for old in self.checkpoints:
+                    shutil.rmtree(old)
+                self.checkpoints.clear()
             self.checkpoints.append(target)
 
     @contextlib.contextmanager
