@@ -1,7 +1,13 @@
-"""Shared fixtures: real data location and one small local Ray instance per session."""
+"""Shared fixtures: real data location, one small local Ray instance and one real ``mlflow server`` per session."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -57,3 +63,50 @@ def restore_root_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_process(tmp_path_factory):
+    """A real ``mlflow server`` for the session: (process, URI, root), not yet waited for.
+
+    Sqlite backend (``<root>/db.sqlite``) and proxied artifacts (``<root>/art``) on a free loopback
+    port; no job-runner process. Tests share it (each with its own experiment); a module may request
+    this fixture early (autouse) so that the ~10 s start overlaps its first tests. Stopped at the end
+    of the session with its whole process group (server and uvicorn worker).
+    """
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server",
+           "--backend-store-uri", f"sqlite:///{root}/db.sqlite", "--artifacts-destination", str(root / "art"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(root / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            yield proc, f"http://127.0.0.1:{port}", root
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(mlflow_server_process) -> tuple[str, Path]:
+    """(URI, root) of the session's ``mlflow server`` once it answers ``/health`` (up to 180 s: a loaded machine)."""
+    proc, uri, root = mlflow_server_process
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return uri, root
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.25)

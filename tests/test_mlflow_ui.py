@@ -2,8 +2,8 @@
 
 One tiny pipeline (synthetic cohort of 12 patients, 4 slices of 16 px; one method, two seeds, one
 fraction, one epoch) runs through ``medcl run --register tiny`` against a real ``mlflow server``
-(subprocess on a free loopback port, its own sqlite database and artifact root in the module's
-temporary directory). Then:
+(the session's: a subprocess on a free loopback port with its own sqlite database and artifact
+root, tests/conftest.py; this module uses its own experiment ``ui``). Then:
 
 * each fine-tuning job's run holds a logged PyTorch model whose ``mlflow.pytorch.load_model``
   gives the outputs of medcl's own export of the job's checkpoint (``medcl.export.load_model``);
@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -61,49 +56,8 @@ CURVE = "report/label_efficiency_test_dice_2d.png"
 pytestmark = pytest.mark.usefixtures("restore_root_logging")  # medcl.cli.main reconfigures logging
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _mlflow_server(root: Path):
-    """A real ``mlflow server`` on loopback (sqlite backend, proxied artifacts); its URI; stopped at the end."""
-    port = _free_port()
-    log = open(root / "server.log", "wb")
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-           "--artifacts-destination", str(root / "artifacts")]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=3) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
-        yield uri
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker: its own session
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
-
-
 @pytest.fixture(scope="module")
-def served(ray_session, tmp_path_factory):
+def served(ray_session, mlflow_server, tmp_path_factory):
     """The pipeline run by ``medcl run ... --register tiny`` against a real server: paths, URI, stdout.
 
     ``medcl.cli.main`` runs in this process, on the session's Ray instance; its progress display goes to
@@ -114,21 +68,21 @@ def served(ray_session, tmp_path_factory):
     from medcl.cli import main
 
     root = tmp_path_factory.mktemp("mlflow-ui")
+    uri = mlflow_server[0]
     handlers, level = logging.getLogger().handlers[:], logging.getLogger().level
-    with _mlflow_server(root) as uri:
-        path = root / "tiny.yaml"
-        path.write_text(textwrap.dedent(PIPELINE.format(root=root, uri=uri)))
-        out, stderr = io.StringIO(), sys.stderr
-        try:
-            sys.stderr = sys.__stderr__
-            with contextlib.redirect_stdout(out):
-                code = main(["run", str(path), "--register", "tiny", "-q"])
-        finally:
-            sys.stderr = stderr
-            logging.getLogger().handlers[:] = handlers
-            logging.getLogger().setLevel(level)
-        assert code == 0, out.getvalue()
-        yield {"root": root, "uri": uri, "stdout": out.getvalue()}
+    path = root / "tiny.yaml"
+    path.write_text(textwrap.dedent(PIPELINE.format(root=root, uri=uri)))
+    out, stderr = io.StringIO(), sys.stderr
+    try:
+        sys.stderr = sys.__stderr__
+        with contextlib.redirect_stdout(out):
+            code = main(["run", str(path), "--register", "tiny", "-q"])
+    finally:
+        sys.stderr = stderr
+        logging.getLogger().handlers[:] = handlers
+        logging.getLogger().setLevel(level)
+    assert code == 0, out.getvalue()
+    yield {"root": root, "uri": uri, "stdout": out.getvalue()}
 
 
 def _client(uri: str):

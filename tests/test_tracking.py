@@ -5,13 +5,11 @@ import base64
 import json
 import os
 import pickle
-import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -364,50 +362,9 @@ def test_input_errors(embedded, tmp_path):
 
 # ----------------------------------------------------------------- server ----
 @pytest.fixture(scope="module", autouse=True)
-def _server_process(tmp_path_factory):
-    """Launch a real `mlflow server` (sqlite backend, served artifacts) on a free port.
-
-    Autouse so that its ~10 s start overlaps the embedded-store tests; the
-    `mlflow_server` fixture waits for it.
-    """
-    root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    cmd = [
-        str(Path(sys.executable).with_name("mlflow")), "server",
-        "--backend-store-uri", f"sqlite:///{root}/db.sqlite",
-        "--artifacts-destination", str(root / "art"),  # served through the server (--serve-artifacts is the default)
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job-runner process
-    with open(root / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        try:
-            yield proc, f"http://127.0.0.1:{port}", root
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server's own process group (server + uvicorn)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(_server_process):
-    """(uri, root) of the running server, once it answers /health."""
-    proc, uri, root = _server_process
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return uri, root
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.25)
+def _server_starts_early(mlflow_server_process):
+    """The session's ``mlflow server`` (tests/conftest.py) starts with this module: its start overlaps the
+    embedded-store tests above."""
 
 
 def test_server_roundtrip(mlflow_server, tmp_path):
@@ -438,7 +395,8 @@ def test_server_roundtrip(mlflow_server, tmp_path):
         assert sorted(f.path for f in client.list_artifacts(run_id)) == ["config", "resolved.json"]
         assert [f.path for f in client.list_artifacts(run_id, "config")] == ["config/pipeline.yaml"]
     # The bytes really went through the server into its artifacts destination.
-    stored = sorted(p.relative_to(root / "art").parts[-2:] for p in (root / "art").rglob("pipeline.yaml"))
+    art = root / "art" / target.experiment_id  # the server is the session's: other tests use other experiments
+    stored = sorted(p.relative_to(art).parts[-2:] for p in art.rglob("pipeline.yaml"))
     assert stored == [("config", "pipeline.yaml")] * 2
 
 
