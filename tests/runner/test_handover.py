@@ -82,7 +82,11 @@ def test_two_stage_method_hands_over_across_two_gloo_workers(ray_session, tmp_pa
     from medcl import tracking as mlt
     from medcl.runner.pipeline import run_pipeline
 
-    result = run_pipeline(_pipeline(tmp_path), report=False)
+    from medcl.model_logging import log_job_models
+    from medcl.tracking.models import MODEL_ID_TAG
+
+    # With the MLflow model hook of `medcl run` (run in a background thread while the next wave trains).
+    result = run_pipeline(_pipeline(tmp_path), report=False, after_wave=log_job_models)
 
     # Each job handed over its Train run's final checkpoint (under <storage>/<name>/train/<trial id>).
     train_root = tmp_path / "runs" / "two-workers" / "train"
@@ -104,6 +108,13 @@ def test_two_stage_method_hands_over_across_two_gloo_workers(ray_session, tmp_pa
     assert "metrics.stage_index" not in children.columns
     final = children[children["run_name"] == FINETUNE].iloc[0]
     assert 0.0 <= final["metrics.test/dice_2d"] <= 1.0
+
+    # The fine-tune job's 2-worker checkpoint became a READY logged model of its run; pretraining got none.
+    tags = dict(zip(children["run_name"], children[f"tags.{MODEL_ID_TAG}"]))
+    assert not isinstance(tags[GLOBAL], str)
+    model = target.client().get_logged_model(tags[FINETUNE])
+    assert str(model.status).endswith("READY")
+    assert model.source_run_id == final["run_id"]
 
 
 # ------------------------------------------------------------------ S3 ----
